@@ -1,1 +1,181 @@
-fn main() {}
+//! `hitless-agent`: the node agent binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::info;
+
+use hitless_agent::loader::{self, Capacities};
+use hitless_agent::writer::{Maps, Writer};
+use hitless_agent::{cgroup, static_mode};
+
+/// The hitless node agent: steers and drains connections inside connect().
+#[derive(Parser)]
+#[command(name = "hitless-agent", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Remove this node's programs, links and maps (refused while its agent runs).
+    Detach {
+        /// Node name.
+        #[arg(long)]
+        node: String,
+        /// Pin directory (default /sys/fs/bpf/hitless/NODE).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Node name: keys the pin directory and the node's identity.
+    #[arg(long)]
+    node: Option<String>,
+    /// Static mode: the registry file to steer by (applied on every change).
+    #[arg(long, value_name = "FILE")]
+    registry_file: Option<PathBuf>,
+    /// Cgroup v2 directory to attach to (default: the cgroup v2 root, found in /proc/mounts).
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<PathBuf>,
+    /// Where programs and maps are pinned (default /sys/fs/bpf/hitless/NODE).
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// How often the registry file is checked for changes.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    poll_ms: u64,
+    /// Capacity of the services map (fixed when the maps are first created).
+    #[arg(long, default_value_t = Capacities::default().services)]
+    max_services: u32,
+    /// Capacity of the VIP map.
+    #[arg(long, default_value_t = Capacities::default().vips)]
+    max_vips: u32,
+    /// Capacity of the backend maps.
+    #[arg(long, default_value_t = Capacities::default().backends)]
+    max_backends: u32,
+    /// Capacity of the slot map (all services' slot tables together).
+    #[arg(long, default_value_t = Capacities::default().slots)]
+    max_slots: u32,
+    /// Sockets whose dialled address is remembered for getpeername()/recvmsg() (LRU).
+    #[arg(long, default_value_t = Capacities::default().connections)]
+    max_connections: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.run.log_format);
+    let result = match cli.command {
+        Some(Command::Detach { node, pin_dir }) => detach(&node, pin_dir),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<BadInput>().is_some() || e.downcast_ref::<static_mode::FileError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// Bad flags: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn node_name(node: &str) -> anyhow::Result<&str> {
+    let ok = !node.is_empty()
+        && node.len() <= 63
+        && node.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_');
+    if ok {
+        Ok(node)
+    } else {
+        Err(BadInput(format!(
+            "--node {node:?}: use 1 to 63 lowercase letters, digits, '-' or '_' (it names the pin directory)"
+        ))
+        .into())
+    }
+}
+
+fn pin_dir_for(node: &str, pin_dir: Option<PathBuf>) -> PathBuf {
+    pin_dir.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/hitless").join(node))
+}
+
+fn detach(node: &str, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let node = node_name(node)?;
+    let dir = pin_dir_for(node, pin_dir);
+    if loader::detach(&dir)? {
+        println!("detached node {node}: removed {}", dir.display());
+    } else {
+        println!("node {node} has no datapath at {}", dir.display());
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node = node_name(args.node.as_deref().ok_or_else(|| BadInput("--node NAME is required".into()))?)?;
+    let file = args.registry_file.ok_or_else(|| {
+        BadInput("--registry-file FILE is required (coordinator mode is not available in this build yet)".into())
+    })?;
+    // Validate before touching the kernel: a bad file changes nothing.
+    let reg = static_mode::read(&file)?;
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => cgroup::v2_mount().context("finding the cgroup v2 root to attach to")?,
+    };
+    let pin_dir = pin_dir_for(node, args.pin_dir);
+    let caps = Capacities {
+        services: args.max_services,
+        vips: args.max_vips,
+        backends: args.max_backends,
+        slots: args.max_slots,
+        connections: args.max_connections,
+    };
+    let loaded = loader::load(&pin_dir, &cgroup, caps)?;
+    info!(
+        node,
+        pin_dir = %pin_dir.display(),
+        cgroup = %cgroup.display(),
+        reused_maps = loaded.reused_maps,
+        replaced = loaded.replaced,
+        attached = loaded.attached,
+        "datapath loaded"
+    );
+    let maps = Maps::open(&pin_dir)?;
+    let cap = maps.capacity();
+    if loaded.reused_maps && (cap.services != caps.services as usize || cap.slots != caps.slots as usize) {
+        info!(?cap, "reused maps keep the capacities they were created with; detach the node to change them");
+    }
+    let mut writer = Writer::new(maps)?;
+    static_mode::apply(&mut writer, &reg)?;
+    static_mode::watch(&file, &mut writer, Duration::from_millis(args.poll_ms.max(1)))
+}

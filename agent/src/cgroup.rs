@@ -1,0 +1,61 @@
+//! Finding the cgroup v2 hierarchy (never assume where it is mounted).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The mount point of the cgroup v2 hierarchy, read from `/proc/mounts`.
+pub fn v2_mount() -> io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    parse_v2_mount(&mounts).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no cgroup2 filesystem in /proc/mounts; mount one (mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup",
+        )
+    })
+}
+
+/// The first `cgroup2` mount point in a `/proc/mounts` text.
+pub fn parse_v2_mount(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape(dir)))
+    })
+}
+
+/// `/proc/mounts` escapes spaces, tabs, newlines and backslashes as octal.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() + 1 && b.len() >= i + 4 {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v as char);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+/// Whether `dir` is a cgroup v2 directory (it has `cgroup.procs`).
+pub fn is_cgroup(dir: &Path) -> bool {
+    dir.join("cgroup.procs").is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_non_standard_v2_mount() {
+        let m = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(parse_v2_mount(m), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(parse_v2_mount("cgroup2 /mnt/my\\040cg cgroup2 rw 0 0"), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(parse_v2_mount("proc /proc proc rw 0 0"), None);
+    }
+}

@@ -1,0 +1,16 @@
+//! The hitless node agent: loads the eBPF datapath, keeps it pinned, and mirrors the
+//! registry into its maps in the one order that is safe for readers in the kernel.
+//!
+//! Modules, lowest first: [`abi`] (map layouts shared with the C datapath),
+//! [`registry`] (the registry file), [`desired`] (what the maps should hold),
+//! [`writer`] (the only writer of the maps), [`sys`] and [`cgroup`] (kernel
+//! plumbing), [`loader`] (load, pin, attach, swap, detach) and [`static_mode`].
+
+pub mod abi;
+pub mod cgroup;
+pub mod desired;
+pub mod loader;
+pub mod registry;
+pub mod static_mode;
+pub mod sys;
+pub mod writer;

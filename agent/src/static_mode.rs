@@ -1,0 +1,115 @@
+//! Static mode: the registry comes from a file, and every change on disk is applied.
+//!
+//! The file is polled (metadata every `poll`, content only when it changed), which
+//! keeps the agent free of inotify corner cases (editors that replace the file,
+//! ConfigMap symlink swaps) and applies a change within one poll interval.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tracing::{error, info, warn};
+
+use crate::desired;
+use crate::registry::{self, Registry, RegistryError};
+use crate::writer::{WriteError, Writer};
+
+/// Why the registry file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Not readable.
+    #[error("cannot read registry file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not valid.
+    #[error("registry file {path} is invalid:\n{source}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem.
+        source: RegistryError,
+    },
+}
+
+/// Reads and validates a registry file.
+pub fn read(path: &Path) -> Result<Registry, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
+    registry::parse(&text).map_err(|source| FileError::Invalid { path: path.to_owned(), source })
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        ino: m.ino(),
+        ctime: m.ctime(),
+        ctime_nsec: m.ctime_nsec(),
+    })
+}
+
+/// Applies `reg` as the next revision and logs the outcome.
+pub fn apply(writer: &mut Writer, reg: &Registry) -> Result<u64, WriteError> {
+    let revision = writer.maps().revision()? + 1;
+    let started = std::time::Instant::now();
+    let report = writer.apply(&desired::from_registry(reg), revision)?;
+    info!(
+        revision,
+        services = report.services,
+        vips = report.vips,
+        backends = report.backends,
+        tables_swapped = report.tables_swapped,
+        writes = report.writes,
+        micros = started.elapsed().as_micros() as u64,
+        "registry applied"
+    );
+    Ok(revision)
+}
+
+/// Watches `path` forever, applying each valid change. An invalid file is logged with
+/// every problem and the last good state stays in force.
+pub fn watch(path: &Path, writer: &mut Writer, poll: Duration) -> ! {
+    let mut last_stamp = stamp(path);
+    let mut last_text = std::fs::read_to_string(path).ok();
+    loop {
+        std::thread::sleep(poll);
+        let now = stamp(path);
+        if now == last_stamp {
+            continue;
+        }
+        last_stamp = now;
+        let Ok(text) = std::fs::read_to_string(path) else {
+            warn!(file = %path.display(), "registry file unreadable; keeping the state in force");
+            continue;
+        };
+        if last_text.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last_text = Some(text.clone());
+        match registry::parse(&text) {
+            Ok(reg) => {
+                if let Err(e) = apply(writer, &reg) {
+                    error!(file = %path.display(), error = %e, "registry not applied; the state in force is unchanged or safely partial, and the next change retries");
+                }
+            }
+            Err(e) => {
+                for p in e.problems() {
+                    error!(file = %path.display(), field = %p.path, problem = %p.problem, fix = %p.fix, "invalid registry file; keeping the state in force");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,639 @@
+//! The one writer of the datapath's maps.
+//!
+//! Everything that changes what the kernel steers goes through [`Writer::apply`],
+//! which knows the safe order:
+//!
+//! 1. backends are written before any slot points to them;
+//! 2. a service's new slot table is written under the other generation, then the
+//!    service entry is swapped to it in one update, then the old generation goes;
+//! 3. only then are backends marked draining or down (their slots are gone);
+//! 4. VIPs, services and backends that left are deleted last, when nothing refers
+//!    to them.
+//!
+//! A reader in the kernel therefore never follows a slot to nowhere, and once
+//! `apply` returns, no new connect picks a backend that the apply took out.
+//! Capacities are checked before the first write, so a registry too large for the
+//! maps changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+
+use crate::abi::{self, Backend, Counters, Endpoint, Frontend, Meta, Service, SlotKey};
+use crate::desired::{self, DesiredService};
+
+/// Map names, as pinned in the node's pin directory.
+pub mod names {
+    /// VIPs.
+    pub const FRONTENDS: &str = "hl_frontends";
+    /// Services.
+    pub const SERVICES: &str = "hl_services";
+    /// Slot tables.
+    pub const SLOTS: &str = "hl_slots";
+    /// Backends.
+    pub const BACKENDS: &str = "hl_backends";
+    /// Backends by address.
+    pub const BACKEND_ADDR: &str = "hl_backend_addr";
+    /// Reverse translation per socket.
+    pub const REV_NAT: &str = "hl_rev_nat";
+    /// Per-service counters.
+    pub const COUNTERS: &str = "hl_counters";
+    /// Active connections per local backend.
+    pub const ACTIVE: &str = "hl_active";
+    /// Counted-socket marks.
+    pub const SK_MARK: &str = "hl_sk_mark";
+    /// Applied revision.
+    pub const META: &str = "hl_meta";
+}
+
+/// Why an apply did not happen or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The registry needs more entries than a map holds; nothing was written.
+    #[error("{what} needs {needed} entries in map {map}, which holds {capacity}; start the agent with {flag} {needed} or more, or shrink the registry (nothing was changed)")]
+    Capacity {
+        /// What overflows.
+        what: String,
+        /// The map.
+        map: &'static str,
+        /// Entries needed at the peak of the apply.
+        needed: usize,
+        /// Entries the map holds.
+        capacity: usize,
+        /// The agent flag that sets the capacity.
+        flag: &'static str,
+    },
+    /// A pinned map could not be opened.
+    #[error("cannot open pinned map {path}: {source}")]
+    Open {
+        /// Pin path.
+        path: String,
+        /// Cause.
+        source: MapError,
+    },
+    /// The number of possible CPUs could not be read (per-CPU counters need it).
+    #[error("reading the possible CPUs: {0}")]
+    Cpus(std::io::Error),
+    /// A kernel map operation failed mid-apply. Every step keeps the datapath
+    /// consistent, so the maps are safe to read; the next apply reconciles.
+    #[error("{op} in map {map} failed: {source}")]
+    Kernel {
+        /// insert or remove.
+        op: &'static str,
+        /// The map.
+        map: &'static str,
+        /// Cause.
+        source: MapError,
+    },
+}
+
+/// The capacity of each map, read from the kernel (a reused pin keeps its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// `hl_services` and `hl_counters`.
+    pub services: usize,
+    /// `hl_frontends`.
+    pub vips: usize,
+    /// `hl_backends`, `hl_backend_addr`, `hl_active`.
+    pub backends: usize,
+    /// `hl_slots`.
+    pub slots: usize,
+}
+
+/// Handles to the pinned maps.
+pub struct Maps {
+    frontends: HashMap<MapData, Endpoint, Frontend>,
+    services: HashMap<MapData, u32, Service>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    backend_addr: HashMap<MapData, Endpoint, u32>,
+    active: HashMap<MapData, Endpoint, i64>,
+    counters: PerCpuArray<MapData, Counters>,
+    meta: Array<MapData, Meta>,
+    capacity: Capacity,
+}
+
+fn open(dir: &Path, name: &'static str) -> Result<(Map, usize), WriteError> {
+    let path = dir.join(name);
+    let wrap = |source| WriteError::Open { path: path.display().to_string(), source };
+    let data = MapData::from_pin(&path).map_err(wrap)?;
+    let cap = data.info().map_err(wrap)?.max_entries() as usize;
+    Ok((Map::from_map_data(data).map_err(wrap)?, cap))
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr) => {{
+        let (map, cap) = open($dir, $name)?;
+        let typed = map
+            .try_into()
+            .map_err(|source| WriteError::Open { path: $dir.join($name).display().to_string(), source })?;
+        (typed, cap)
+    }};
+}
+
+impl Maps {
+    /// Opens the maps pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, WriteError> {
+        let (frontends, vips) = typed!(pin_dir, names::FRONTENDS);
+        let (services, services_cap) = typed!(pin_dir, names::SERVICES);
+        let (slots, slots_cap) = typed!(pin_dir, names::SLOTS);
+        let (backends, backends_cap) = typed!(pin_dir, names::BACKENDS);
+        let (backend_addr, addr_cap) = typed!(pin_dir, names::BACKEND_ADDR);
+        let (active, _) = typed!(pin_dir, names::ACTIVE);
+        let (counters, counters_cap) = typed!(pin_dir, names::COUNTERS);
+        let (meta, _) = typed!(pin_dir, names::META);
+        Ok(Self {
+            frontends,
+            services,
+            slots,
+            backends,
+            backend_addr,
+            active,
+            counters,
+            meta,
+            capacity: Capacity {
+                services: services_cap.min(counters_cap),
+                vips,
+                backends: backends_cap.min(addr_cap),
+                slots: slots_cap,
+            },
+        })
+    }
+
+    /// What the maps hold.
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    /// The revision the maps hold (0 when never written).
+    pub fn revision(&self) -> Result<u64, WriteError> {
+        self.meta.get(&0, 0).map(|m| m.revision).map_err(|source| WriteError::Kernel {
+            op: "lookup",
+            map: names::META,
+            source,
+        })
+    }
+
+    /// Open server-side connections of the local backend at `ep` (0 when unknown).
+    pub fn active_connections(&self, ep: &Endpoint) -> i64 {
+        self.active.get(ep, 0).unwrap_or(0).max(0)
+    }
+
+    /// Counters of a service id, summed over CPUs.
+    pub fn counters(&self, service_id: u32) -> Counters {
+        let mut sum = Counters::default();
+        if let Ok(per_cpu) = self.counters.get(&service_id, 0) {
+            for c in per_cpu.iter() {
+                sum.steered += c.steered;
+                sum.redirected += c.redirected;
+                sum.refused += c.refused;
+                sum.passed_draining += c.passed_draining;
+            }
+        }
+        sum
+    }
+}
+
+/// A service as the writer last wrote it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Written {
+    value: Service,
+    /// Backend ids of the slots of the generation in force, per table.
+    slots4: Vec<u32>,
+    slots6: Vec<u32>,
+}
+
+/// Summary of one apply, for logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Services whose slot table was swapped to a new generation.
+    pub tables_swapped: usize,
+    /// Map writes and deletes made.
+    pub writes: usize,
+    /// Services, VIPs and backends in force after the apply.
+    pub services: usize,
+    /// VIPs in force.
+    pub vips: usize,
+    /// Backends in force.
+    pub backends: usize,
+}
+
+/// The single writer of the datapath, with its view of what the maps hold.
+pub struct Writer {
+    maps: Maps,
+    services: BTreeMap<u32, Written>,
+    frontends: BTreeMap<Endpoint, u32>,
+    backends: BTreeMap<u32, Backend>,
+    by_addr: BTreeMap<Endpoint, u32>,
+    /// Slot keys of no generation in force (left by an apply that was killed).
+    stray_slots: Vec<SlotKey>,
+    /// Names of the services, by id; rebuilt from VIPs and backends after a restart.
+    names: BTreeMap<u32, String>,
+    next_backend: u32,
+    report: ApplyReport,
+}
+
+fn kernel(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> WriteError {
+    move |source| WriteError::Kernel { op, map, source }
+}
+
+impl Writer {
+    /// Reads what the pinned maps hold, so that the next apply changes only what differs.
+    pub fn new(maps: Maps) -> Result<Self, WriteError> {
+        let mut services = BTreeMap::new();
+        for item in maps.services.iter() {
+            let (id, value) = item.map_err(kernel("iterate", names::SERVICES))?;
+            services.insert(id, Written { value, ..Written::default() });
+        }
+        let mut stray_slots = Vec::new();
+        let mut slot_entries: Vec<(SlotKey, u32)> = Vec::new();
+        for item in maps.slots.iter() {
+            slot_entries.push(item.map_err(kernel("iterate", names::SLOTS))?);
+        }
+        slot_entries.sort_by_key(|(k, _)| *k);
+        for (key, bid) in slot_entries {
+            let live = services.get_mut(&key.service_id).and_then(|w| {
+                let count = if key.table == abi::TABLE_V4 { w.value.slots4 } else { w.value.slots6 };
+                (u32::from(key.gen) == w.value.gen && key.slot < count).then_some(w)
+            });
+            match live {
+                Some(w) if key.table == abi::TABLE_V4 => w.slots4.push(bid),
+                Some(w) => w.slots6.push(bid),
+                None => stray_slots.push(key),
+            }
+        }
+        let mut frontends = BTreeMap::new();
+        for item in maps.frontends.iter() {
+            let (ep, fe) = item.map_err(kernel("iterate", names::FRONTENDS))?;
+            frontends.insert(ep, fe.service_id);
+        }
+        let mut backends = BTreeMap::new();
+        for item in maps.backends.iter() {
+            let (id, be) = item.map_err(kernel("iterate", names::BACKENDS))?;
+            backends.insert(id, be);
+        }
+        let mut by_addr = BTreeMap::new();
+        for item in maps.backend_addr.iter() {
+            let (ep, id) = item.map_err(kernel("iterate", names::BACKEND_ADDR))?;
+            by_addr.insert(ep, id);
+        }
+        let next_backend = backends.keys().next_back().map_or(0, |id| id.wrapping_add(1));
+        Ok(Self {
+            maps,
+            services,
+            frontends,
+            backends,
+            by_addr,
+            stray_slots,
+            names: BTreeMap::new(),
+            next_backend,
+            report: ApplyReport::default(),
+        })
+    }
+
+    /// The maps, for reading counters and gauges.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The service id the datapath uses for `name`, if it is in force.
+    pub fn service_id(&self, name: &str) -> Option<u32> {
+        self.names.iter().find(|(_, n)| n.as_str() == name).map(|(id, _)| *id)
+    }
+
+    /// Makes the maps hold `desired`, in the safe order, and records `revision` last.
+    pub fn apply(&mut self, desired: &[DesiredService], revision: u64) -> Result<ApplyReport, WriteError> {
+        self.report = ApplyReport::default();
+        let target = self.target(desired)?;
+        self.check_capacity(&target)?;
+
+        // 0. Leftovers of a killed apply: no service names their generation.
+        for key in std::mem::take(&mut self.stray_slots) {
+            self.remove_slot(&key)?;
+        }
+
+        // 1. Backends that are new, or whose state rises or stays: before any slot.
+        for (id, be) in &target.backends {
+            let falls = self.backends.get(id).is_some_and(|old| old.state < be.state);
+            if self.backends.get(id) != Some(be) && !falls {
+                self.put_backend(*id, *be)?;
+            }
+        }
+        for (ep, id) in &target.by_addr {
+            if self.by_addr.get(ep) != Some(id) {
+                self.maps.backend_addr.insert(ep, id, 0).map_err(kernel("insert", names::BACKEND_ADDR))?;
+                self.by_addr.insert(*ep, *id);
+                self.report.writes += 1;
+            }
+        }
+
+        // 2. Slot tables, then VIPs.
+        for (id, t) in &target.services {
+            self.put_service(*id, t)?;
+        }
+        for (ep, id) in &target.frontends {
+            if self.frontends.get(ep) != Some(id) {
+                let fe = Frontend { service_id: *id, flags: 0 };
+                self.maps.frontends.insert(ep, fe, 0).map_err(kernel("insert", names::FRONTENDS))?;
+                self.frontends.insert(*ep, *id);
+                self.report.writes += 1;
+            }
+        }
+
+        // 3. Backends leaving service: their slots are gone now.
+        for (id, be) in &target.backends {
+            if self.backends.get(id) != Some(be) {
+                self.put_backend(*id, *be)?;
+            }
+        }
+
+        // 4. What left: VIPs, then services, then backends nothing points to.
+        let gone: Vec<Endpoint> =
+            self.frontends.keys().filter(|ep| !target.frontends.contains_key(ep)).copied().collect();
+        for ep in gone {
+            self.maps.frontends.remove(&ep).map_err(kernel("remove", names::FRONTENDS))?;
+            self.frontends.remove(&ep);
+            self.report.writes += 1;
+        }
+        let gone: Vec<u32> = self.services.keys().filter(|id| !target.services.contains_key(id)).copied().collect();
+        for id in gone {
+            self.remove_service(id)?;
+        }
+        let gone: Vec<u32> = self.backends.keys().filter(|id| !target.backends.contains_key(id)).copied().collect();
+        for id in gone {
+            self.remove_backend(id)?;
+        }
+
+        // 5. The revision, last: whoever reads it knows the maps hold all of the above.
+        let meta = Meta { revision, applied_at_ns: now_ns() };
+        self.maps.meta.set(0, meta, 0).map_err(kernel("update", names::META))?;
+        self.names = target.names;
+        self.report.services = self.services.len();
+        self.report.vips = self.frontends.len();
+        self.report.backends = self.backends.len();
+        Ok(self.report)
+    }
+
+    /// Resolves ids and slot tables for `desired`, reusing the ids in force.
+    fn target(&mut self, desired: &[DesiredService]) -> Result<Target, WriteError> {
+        let mut t = Target::default();
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        // Match each desired service to the id in force: by name, else (after a
+        // restart) by any of its VIPs, else by any of its backends.
+        let mut ids = Vec::with_capacity(desired.len());
+        for s in desired {
+            let found = self
+                .names
+                .iter()
+                .find(|(_, n)| **n == s.name)
+                .map(|(id, _)| *id)
+                .or_else(|| s.vips.iter().find_map(|v| self.frontends.get(v).copied()))
+                .or_else(|| {
+                    s.backends.iter().find_map(|b| {
+                        self.by_addr.get(&b.ep).and_then(|id| self.backends.get(id)).map(|be| be.service_id)
+                    })
+                })
+                .filter(|id| self.services.contains_key(id) && !taken.contains(id));
+            if let Some(id) = found {
+                taken.insert(id);
+            }
+            ids.push(found);
+        }
+        // New services get the lowest ids in use by nobody, now or before this apply
+        // (a reader racing the apply must not mistake one service for another).
+        let mut next = 0u32;
+        for id in &mut ids {
+            if id.is_none() {
+                while taken.contains(&next) || self.services.contains_key(&next) {
+                    next += 1;
+                }
+                if next as usize >= self.maps.capacity.services {
+                    return Err(WriteError::Capacity {
+                        what: format!("{} services", desired.len()),
+                        map: names::SERVICES,
+                        needed: desired.len() + self.services.len(),
+                        capacity: self.maps.capacity.services,
+                        flag: "--max-services",
+                    });
+                }
+                taken.insert(next);
+                *id = Some(next);
+            }
+        }
+
+        for (s, id) in desired.iter().zip(ids) {
+            let Some(sid) = id else { continue };
+            t.names.insert(sid, s.name.clone());
+            let mut bids = Vec::with_capacity(s.backends.len());
+            for b in &s.backends {
+                let bid = match self.by_addr.get(&b.ep) {
+                    Some(bid) if self.backends.get(bid).is_some_and(|be| be.service_id == sid) => *bid,
+                    _ => self.alloc_backend(&t),
+                };
+                let value = Backend {
+                    addr: b.ep.addr,
+                    port: b.ep.port,
+                    state: b.state,
+                    family: b.ep.family(),
+                    service_id: sid,
+                };
+                t.backends.insert(bid, value);
+                t.by_addr.insert(b.ep, bid);
+                bids.push(bid);
+            }
+            let table = |tab: u8| -> Result<Vec<u32>, WriteError> {
+                let weights: Vec<u32> = s.backends.iter().map(|b| if b.in_table(tab) { b.weight } else { 0 }).collect();
+                let slots = desired::slot_table(&weights).ok_or_else(|| WriteError::Capacity {
+                    what: format!("service {:?} with more than {} serving backends", s.name, abi::MAX_SLOTS),
+                    map: names::SLOTS,
+                    needed: weights.iter().filter(|w| **w > 0).count(),
+                    capacity: abi::MAX_SLOTS,
+                    flag: "(a per-service limit; split the service)",
+                })?;
+                Ok(slots.into_iter().map(|i| bids[i]).collect())
+            };
+            let slots4 = table(abi::TABLE_V4)?;
+            let slots6 = table(abi::TABLE_V6)?;
+            for v in &s.vips {
+                t.frontends.insert(*v, sid);
+            }
+            t.services.insert(sid, TargetService { policy: s.policy, slots4, slots6 });
+        }
+        Ok(t)
+    }
+
+    fn alloc_backend(&mut self, t: &Target) -> u32 {
+        // Monotonic ids: a deleted backend's id is not handed out again soon.
+        while self.backends.contains_key(&self.next_backend) || t.backends.contains_key(&self.next_backend) {
+            self.next_backend = self.next_backend.wrapping_add(1);
+        }
+        let id = self.next_backend;
+        self.next_backend = self.next_backend.wrapping_add(1);
+        id
+    }
+
+    fn check_capacity(&self, t: &Target) -> Result<(), WriteError> {
+        let over = |what: &str, map, needed: usize, capacity: usize, flag| {
+            (needed > capacity).then(|| WriteError::Capacity { what: what.to_owned(), map, needed, capacity, flag })
+        };
+        let vips = self.frontends.keys().chain(t.frontends.keys()).collect::<BTreeSet<_>>().len();
+        let backends = self.backends.keys().chain(t.backends.keys()).collect::<BTreeSet<_>>().len();
+        let addrs = self.by_addr.keys().chain(t.by_addr.keys()).collect::<BTreeSet<_>>().len();
+        let services = self.services.keys().chain(t.services.keys()).collect::<BTreeSet<_>>().len();
+        // Slots: replay the apply's order; a swapped service briefly holds both tables.
+        let mut slots: usize = self.services.values().map(|w| w.slots4.len() + w.slots6.len()).sum();
+        let mut peak = slots;
+        for (id, ts) in &t.services {
+            let old = self.services.get(id).map_or(0, |w| w.slots4.len() + w.slots6.len());
+            let new = ts.slots4.len() + ts.slots6.len();
+            peak = peak.max(slots + new);
+            slots = slots + new - old;
+        }
+        let err =
+            over(&format!("{} VIPs", t.frontends.len()), names::FRONTENDS, vips, self.maps.capacity.vips, "--max-vips")
+                .or_else(|| {
+                    over(
+                        &format!("{} services", t.services.len()),
+                        names::SERVICES,
+                        services,
+                        self.maps.capacity.services,
+                        "--max-services",
+                    )
+                })
+                .or_else(|| {
+                    over(
+                        &format!("{} backends", t.backends.len()),
+                        names::BACKENDS,
+                        backends.max(addrs),
+                        self.maps.capacity.backends,
+                        "--max-backends",
+                    )
+                })
+                .or_else(|| over("the slot tables", names::SLOTS, peak, self.maps.capacity.slots, "--max-slots"));
+        err.map_or(Ok(()), Err)
+    }
+
+    fn put_backend(&mut self, id: u32, be: Backend) -> Result<(), WriteError> {
+        self.maps.backends.insert(id, be, 0).map_err(kernel("insert", names::BACKENDS))?;
+        self.backends.insert(id, be);
+        self.report.writes += 1;
+        Ok(())
+    }
+
+    /// Writes a service's slot tables and entry, swapping generations when the tables change.
+    fn put_service(&mut self, id: u32, t: &TargetService) -> Result<(), WriteError> {
+        let old = self.services.get(&id).cloned();
+        let same_tables = old.as_ref().is_some_and(|w| w.slots4 == t.slots4 && w.slots6 == t.slots6);
+        if same_tables {
+            let w = old.as_ref().map(|w| w.value).unwrap_or_default();
+            if w.policy != t.policy {
+                let value = Service { policy: t.policy, ..w };
+                self.maps.services.insert(id, value, 0).map_err(kernel("insert", names::SERVICES))?;
+                if let Some(w) = self.services.get_mut(&id) {
+                    w.value = value;
+                }
+                self.report.writes += 1;
+            }
+            return Ok(());
+        }
+        // A new service starts at generation 0 with fresh counters; a changed one
+        // flips to the generation not in force, which holds no entries.
+        let gen = old.as_ref().map_or(0, |w| 1 - w.value.gen.min(1));
+        if old.is_none() {
+            let zero = PerCpuValues::try_from(vec![Counters::default(); aya::util::nr_cpus().map_or(1, |n| n)])
+                .map_err(WriteError::Cpus)?;
+            self.maps.counters.set(id, zero, 0).map_err(kernel("update", names::COUNTERS))?;
+        }
+        for (table, ids) in [(abi::TABLE_V4, &t.slots4), (abi::TABLE_V6, &t.slots6)] {
+            for (slot, bid) in ids.iter().enumerate() {
+                let key = SlotKey { service_id: id, slot: slot as u16, table, gen: gen as u8 };
+                self.maps.slots.insert(key, bid, 0).map_err(kernel("insert", names::SLOTS))?;
+                self.report.writes += 1;
+            }
+        }
+        let value = Service {
+            gen,
+            slots4: t.slots4.len() as u16,
+            slots6: t.slots6.len() as u16,
+            policy: t.policy,
+            pad: [0; 3],
+        };
+        // The swap: one update replaces the whole entry for every reader at once.
+        self.maps.services.insert(id, value, 0).map_err(kernel("insert", names::SERVICES))?;
+        self.services.insert(id, Written { value, slots4: t.slots4.clone(), slots6: t.slots6.clone() });
+        self.report.writes += 1;
+        if let Some(old) = old {
+            self.report.tables_swapped += 1;
+            self.remove_slots(id, &old)?;
+        }
+        Ok(())
+    }
+
+    fn remove_slots(&mut self, id: u32, w: &Written) -> Result<(), WriteError> {
+        for (table, n) in [(abi::TABLE_V4, w.slots4.len()), (abi::TABLE_V6, w.slots6.len())] {
+            for slot in 0..n {
+                let key = SlotKey { service_id: id, slot: slot as u16, table, gen: w.value.gen as u8 };
+                self.remove_slot(&key)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_slot(&mut self, key: &SlotKey) -> Result<(), WriteError> {
+        match self.maps.slots.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => {}
+            Err(e) => return Err(kernel("remove", names::SLOTS)(e)),
+        }
+        self.report.writes += 1;
+        Ok(())
+    }
+
+    fn remove_service(&mut self, id: u32) -> Result<(), WriteError> {
+        let Some(w) = self.services.get(&id).cloned() else { return Ok(()) };
+        // Entry first: a reader then finds no service and refuses, never a slot to nowhere.
+        self.maps.services.remove(&id).map_err(kernel("remove", names::SERVICES))?;
+        self.services.remove(&id);
+        self.report.writes += 1;
+        self.remove_slots(id, &w)
+    }
+
+    fn remove_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        if !self.backends.contains_key(&id) {
+            return Ok(());
+        }
+        let addr_keys: Vec<Endpoint> = self.by_addr.iter().filter(|(_, b)| **b == id).map(|(ep, _)| *ep).collect();
+        for ep in addr_keys {
+            self.maps.backend_addr.remove(&ep).map_err(kernel("remove", names::BACKEND_ADDR))?;
+            self.by_addr.remove(&ep);
+            // A gauge nothing will move again: drop it once it reads zero.
+            if self.maps.active.get(&ep, 0).is_ok_and(|n| n <= 0) {
+                let _ = self.maps.active.remove(&ep);
+            }
+            self.report.writes += 1;
+        }
+        self.maps.backends.remove(&id).map_err(kernel("remove", names::BACKENDS))?;
+        self.backends.remove(&id);
+        self.report.writes += 1;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Target {
+    names: BTreeMap<u32, String>,
+    services: BTreeMap<u32, TargetService>,
+    frontends: BTreeMap<Endpoint, u32>,
+    backends: BTreeMap<u32, Backend>,
+    by_addr: BTreeMap<Endpoint, u32>,
+}
+
+struct TargetService {
+    policy: u8,
+    slots4: Vec<u32>,
+    slots6: Vec<u32>,
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * The datapath's maps. Every map is pinned by name in the node's pin
+ * directory, so the datapath outlives the agent and a restarted agent (or the
+ * other object of the datapath) reuses the same maps. Capacities here are
+ * defaults; the agent sets them at load time from its flags. The agent is the
+ * only writer of every map except rev_nat, counters, active and sk_mark,
+ * which the programs write.
+ */
+#ifndef HITLESS_MAPS_H
+#define HITLESS_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "hitless_types.h"
+
+/* (VIP, port, proto) -> service id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct hl_endpoint);
+	__type(value, struct hl_frontend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_frontends SEC(".maps");
+
+/* service id -> slot generation, slot counts, policy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct hl_service);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_services SEC(".maps");
+
+/* (service, slot, table, generation) -> backend id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct hl_slot_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_slots SEC(".maps");
+
+/* backend id -> address, state, service. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct hl_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_backends SEC(".maps");
+
+/* (backend address, port, proto) -> backend id, for clients that dial an
+ * instance directly (stale caches). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct hl_endpoint);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_backend_addr SEC(".maps");
+
+/* (socket cookie, backend) -> what the application dialled. LRU: entries of
+ * closed sockets age out; it stores addresses, never backend ids, so deleting
+ * a backend can never leave an entry pointing nowhere. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct hl_rev_key);
+	__type(value, struct hl_rev);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_rev_nat SEC(".maps");
+
+/* service id -> counters, per CPU (no atomics on the connect path). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct hl_counters);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_counters SEC(".maps");
+
+/* local backend (address, port, TCP) -> open server-side connections. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct hl_endpoint);
+	__type(value, __s64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_active SEC(".maps");
+
+/* Marks a socket counted in hl_active, with the key it was counted under,
+ * so that only counted sockets are ever uncounted, exactly once. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct hl_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_sk_mark SEC(".maps");
+
+/* The revision the maps hold, written last by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hl_meta);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_meta SEC(".maps");
+
+#endif

@@ -1,0 +1,122 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * Types shared by the datapath and the agent. Every struct here is mirrored
+ * in agent/src/abi.rs, which asserts the same sizes and offsets: change both
+ * or the tests fail.
+ *
+ * Addresses are always 16 bytes in network byte order; an IPv4 address is
+ * stored IPv4-mapped (::ffff:a.b.c.d), so one key format serves both
+ * families and an AF_INET6 socket dialling a v4-mapped VIP matches too.
+ * Ports are network byte order.
+ */
+#ifndef HITLESS_TYPES_H
+#define HITLESS_TYPES_H
+
+#include <linux/types.h>
+
+/* Backend states. Only SERVING backends ever get slots. */
+#define HL_STATE_SERVING 0
+#define HL_STATE_DRAINING 1
+#define HL_STATE_DOWN 2
+
+/* What a direct connect to a draining or down backend does. */
+#define HL_POLICY_STEER 0  /* to a serving sibling of the same service */
+#define HL_POLICY_REJECT 1 /* refused at once with ECONNREFUSED */
+#define HL_POLICY_ALLOW 2  /* left alone */
+
+/* Slot tables: one per client socket family, because an AF_INET socket can
+ * only be steered to IPv4 backends while an AF_INET6 one reaches both. */
+#define HL_TABLE_V4 4
+#define HL_TABLE_V6 6
+
+/* Highest slot count of one table; weights are scaled down to fit. */
+#define HL_MAX_SLOTS 1024
+
+/* A VIP or a backend address: frontends and backend_by_addr keys,
+ * and the key of the active connection counts. */
+struct hl_endpoint {
+	__u32 addr[4];
+	__u16 port;
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;
+};
+
+/* frontends value. */
+struct hl_frontend {
+	__u32 service_id;
+	__u32 flags; /* reserved, 0 */
+};
+
+/* services value. The agent replaces it with a single map update, which the
+ * kernel swaps in atomically (hash maps replace the element under RCU), so a
+ * reader sees the old generation and counts or the new ones, never a mix. */
+struct hl_service {
+	__u32 gen;     /* slot generation in force, 0 or 1 */
+	__u16 slots4;  /* slots in table HL_TABLE_V4 of that generation */
+	__u16 slots6;  /* slots in table HL_TABLE_V6 of that generation */
+	__u8 policy;   /* HL_POLICY_* */
+	__u8 pad[3];
+};
+
+/* slots key; the value is a backend id (__u32). */
+struct hl_slot_key {
+	__u32 service_id;
+	__u16 slot;
+	__u8 table; /* HL_TABLE_V4 or HL_TABLE_V6 */
+	__u8 gen;
+};
+
+/* backends value, keyed by backend id (__u32). */
+struct hl_backend {
+	__u32 addr[4];
+	__u16 port;
+	__u8 state;  /* HL_STATE_* */
+	__u8 family; /* 4 or 6: which sockets can reach it */
+	__u32 service_id;
+};
+
+/* rev_nat key: a socket and the backend it was steered to. */
+struct hl_rev_key {
+	__u64 cookie;
+	__u32 addr[4];
+	__u16 port;
+	__u16 pad0;
+	__u32 pad1;
+};
+
+/* rev_nat value: what the application dialled. */
+struct hl_rev {
+	__u32 addr[4];
+	__u16 port;
+	__u16 pad;
+};
+
+/* counters value (per CPU), indexed by service id. */
+struct hl_counters {
+	__u64 steered;      /* VIP connects and datagrams sent to a backend */
+	__u64 redirected;   /* direct connects moved off a draining/down backend */
+	__u64 refused;      /* refused: no serving backend, or policy reject */
+	__u64 passed_draining; /* direct connects let through to a draining backend */
+};
+
+/* meta value (array of one): what the agent last wrote, kept in the kernel so
+ * it survives the agent. */
+struct hl_meta {
+	__u64 revision; /* registry revision the maps hold */
+	__u64 applied_at_ns; /* CLOCK_REALTIME of that apply */
+};
+
+/* The same layouts are asserted in agent/src/abi.rs. */
+_Static_assert(sizeof(struct hl_endpoint) == 20, "hl_endpoint");
+_Static_assert(sizeof(struct hl_frontend) == 8, "hl_frontend");
+_Static_assert(sizeof(struct hl_service) == 12, "hl_service");
+_Static_assert(sizeof(struct hl_slot_key) == 8, "hl_slot_key");
+_Static_assert(sizeof(struct hl_backend) == 24, "hl_backend");
+_Static_assert(__builtin_offsetof(struct hl_backend, service_id) == 20, "hl_backend.service_id");
+_Static_assert(sizeof(struct hl_rev_key) == 32, "hl_rev_key");
+_Static_assert(__builtin_offsetof(struct hl_rev_key, port) == 24, "hl_rev_key.port");
+_Static_assert(sizeof(struct hl_rev) == 20, "hl_rev");
+_Static_assert(sizeof(struct hl_counters) == 32, "hl_counters");
+_Static_assert(sizeof(struct hl_meta) == 16, "hl_meta");
+
+#endif

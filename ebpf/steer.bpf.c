@@ -1,0 +1,283 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Steering inside connect(), sendmsg() and recvmsg(), and the reverse
+ * translation getpeername() needs. Attached to the node's cgroup, so it runs
+ * for every socket of every process in it, whatever its registry cache says.
+ *
+ *   dial a VIP               -> a serving backend from the service's slots
+ *   dial a draining/down     -> a serving sibling (steer), ECONNREFUSED
+ *     backend directly          (reject) or untouched (allow), per policy
+ *   dial anything else       -> untouched
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/errno.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "hitless_maps.h"
+
+#define ALLOW 1
+#define DENY 0
+
+static __always_inline void ep_v4(struct hl_endpoint *ep, __u32 ip4, __u32 port, __u32 proto)
+{
+	ep->addr[0] = 0;
+	ep->addr[1] = 0;
+	ep->addr[2] = bpf_htonl(0x0000ffff);
+	ep->addr[3] = ip4;
+	ep->port = (__u16)port;
+	ep->proto = (__u8)proto;
+	ep->pad = 0;
+}
+
+static __always_inline void ep_v6(struct hl_endpoint *ep, struct bpf_sock_addr *ctx)
+{
+	/* user_ip6 allows only 4-byte reads: copy word by word. */
+	ep->addr[0] = ctx->user_ip6[0];
+	ep->addr[1] = ctx->user_ip6[1];
+	ep->addr[2] = ctx->user_ip6[2];
+	ep->addr[3] = ctx->user_ip6[3];
+	ep->port = (__u16)ctx->user_port;
+	ep->proto = (__u8)ctx->protocol;
+	ep->pad = 0;
+}
+
+static __always_inline void count(__u32 sid, int which)
+{
+	struct hl_counters *c = bpf_map_lookup_elem(&hl_counters, &sid);
+
+	if (!c)
+		return;
+	/* Per-CPU value and migration is disabled while we run: no atomics. */
+	switch (which) {
+	case 0: c->steered++; break;
+	case 1: c->redirected++; break;
+	case 2: c->refused++; break;
+	default: c->passed_draining++; break;
+	}
+}
+
+/* A serving backend of the service, from the slot table of this socket's
+ * family, or NULL when the service has none. */
+static __always_inline struct hl_backend *pick(__u32 sid, __u8 table)
+{
+	/* Two tries: the agent deletes an old slot generation right after it
+	 * swaps the service to the new one, and marks a backend draining right
+	 * after its slots are gone. A reader that raced such an update misses
+	 * (or finds the backend no longer serving) and re-reads the service,
+	 * which by then names the new generation. */
+#pragma unroll
+	for (int attempt = 0; attempt < 2; attempt++) {
+		struct hl_service *svc = bpf_map_lookup_elem(&hl_services, &sid);
+		struct hl_slot_key key = {};
+		struct hl_backend *be;
+		__u32 *bid;
+		__u32 n;
+
+		if (!svc)
+			return NULL;
+		n = table == HL_TABLE_V4 ? svc->slots4 : svc->slots6;
+		if (n == 0)
+			return NULL;
+		key.service_id = sid;
+		key.slot = (__u16)(bpf_get_prandom_u32() % n);
+		key.table = table;
+		key.gen = (__u8)svc->gen;
+		bid = bpf_map_lookup_elem(&hl_slots, &key);
+		if (!bid)
+			continue;
+		be = bpf_map_lookup_elem(&hl_backends, bid);
+		/* The service check guards against a backend id the agent
+		 * deleted and then reused for another service. */
+		if (be && be->state == HL_STATE_SERVING && be->service_id == sid)
+			return be;
+	}
+	return NULL;
+}
+
+static __always_inline int refuse(void)
+{
+	/* ECONNREFUSED rather than the default EPERM: the caller fails at
+	 * once, with the error clients already treat as "try another". */
+	bpf_set_retval(-ECONNREFUSED);
+	return DENY;
+}
+
+/* Decides where a connect or datagram to dst goes. Returns the backend to
+ * rewrite to, NULL to leave the socket alone; *deny is set to refuse. */
+static __always_inline struct hl_backend *route(struct hl_endpoint *dst, __u8 table, int *deny)
+{
+	struct hl_frontend *fe = bpf_map_lookup_elem(&hl_frontends, dst);
+	struct hl_backend *orig, *be;
+	struct hl_service *svc;
+	__u32 *bid, sid;
+
+	if (fe) {
+		sid = fe->service_id;
+		be = pick(sid, table);
+		if (!be) {
+			count(sid, 2);
+			*deny = 1;
+			return NULL;
+		}
+		count(sid, 0);
+		return be;
+	}
+
+	bid = bpf_map_lookup_elem(&hl_backend_addr, dst);
+	if (!bid)
+		return NULL;
+	orig = bpf_map_lookup_elem(&hl_backends, bid);
+	if (!orig || orig->state == HL_STATE_SERVING)
+		return NULL;
+	sid = orig->service_id;
+	svc = bpf_map_lookup_elem(&hl_services, &sid);
+	if (!svc || svc->policy == HL_POLICY_ALLOW)
+		return NULL;
+	if (svc->policy == HL_POLICY_REJECT) {
+		count(sid, 2);
+		*deny = 1;
+		return NULL;
+	}
+	be = pick(sid, table);
+	if (be) {
+		count(sid, 1);
+		return be;
+	}
+	/* No serving sibling. A draining instance still serves: better a new
+	 * connection to it than a failure. A down one would only time out. */
+	if (orig->state == HL_STATE_DRAINING) {
+		count(sid, 3);
+		return NULL;
+	}
+	count(sid, 2);
+	*deny = 1;
+	return NULL;
+}
+
+/* Remembers what the application dialled, for getpeername() and recvmsg(). */
+static __always_inline void remember(void *ctx, struct hl_backend *be, struct hl_endpoint *dst)
+{
+	struct hl_rev_key key = {};
+	struct hl_rev rev = {};
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.addr[0] = be->addr[0];
+	key.addr[1] = be->addr[1];
+	key.addr[2] = be->addr[2];
+	key.addr[3] = be->addr[3];
+	key.port = be->port;
+	rev.addr[0] = dst->addr[0];
+	rev.addr[1] = dst->addr[1];
+	rev.addr[2] = dst->addr[2];
+	rev.addr[3] = dst->addr[3];
+	rev.port = dst->port;
+	bpf_map_update_elem(&hl_rev_nat, &key, &rev, BPF_ANY);
+}
+
+static __always_inline int steer4(struct bpf_sock_addr *ctx)
+{
+	struct hl_endpoint dst;
+	struct hl_backend *be;
+	int deny = 0;
+
+	ep_v4(&dst, ctx->user_ip4, ctx->user_port, ctx->protocol);
+	be = route(&dst, HL_TABLE_V4, &deny);
+	if (deny)
+		return refuse();
+	if (!be)
+		return ALLOW;
+	/* Remember before rewriting: a reply or getpeername() may come at
+	 * once after connect() returns. */
+	remember(ctx, be, &dst);
+	ctx->user_ip4 = be->addr[3];
+	ctx->user_port = be->port;
+	return ALLOW;
+}
+
+static __always_inline int steer6(struct bpf_sock_addr *ctx)
+{
+	struct hl_endpoint dst;
+	struct hl_backend *be;
+	int deny = 0;
+
+	ep_v6(&dst, ctx);
+	be = route(&dst, HL_TABLE_V6, &deny);
+	if (deny)
+		return refuse();
+	if (!be)
+		return ALLOW;
+	remember(ctx, be, &dst);
+	/* An IPv4 backend is written IPv4-mapped: a dual-stack socket then
+	 * connects over IPv4 (a V6ONLY socket gets ENETUNREACH). */
+	ctx->user_ip6[0] = be->addr[0];
+	ctx->user_ip6[1] = be->addr[1];
+	ctx->user_ip6[2] = be->addr[2];
+	ctx->user_ip6[3] = be->addr[3];
+	ctx->user_port = be->port;
+	return ALLOW;
+}
+
+/* The peer a steered socket sees is the backend; show it what it dialled. */
+static __always_inline void unsteer4(struct bpf_sock_addr *ctx)
+{
+	struct hl_rev_key key = {};
+	struct hl_rev *rev;
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.addr[2] = bpf_htonl(0x0000ffff);
+	key.addr[3] = ctx->user_ip4;
+	key.port = (__u16)ctx->user_port;
+	rev = bpf_map_lookup_elem(&hl_rev_nat, &key);
+	if (!rev)
+		return;
+	ctx->user_ip4 = rev->addr[3];
+	ctx->user_port = rev->port;
+}
+
+static __always_inline void unsteer6(struct bpf_sock_addr *ctx)
+{
+	struct hl_rev_key key = {};
+	struct hl_rev *rev;
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.addr[0] = ctx->user_ip6[0];
+	key.addr[1] = ctx->user_ip6[1];
+	key.addr[2] = ctx->user_ip6[2];
+	key.addr[3] = ctx->user_ip6[3];
+	key.port = (__u16)ctx->user_port;
+	rev = bpf_map_lookup_elem(&hl_rev_nat, &key);
+	if (!rev)
+		return;
+	ctx->user_ip6[0] = rev->addr[0];
+	ctx->user_ip6[1] = rev->addr[1];
+	ctx->user_ip6[2] = rev->addr[2];
+	ctx->user_ip6[3] = rev->addr[3];
+	ctx->user_port = rev->port;
+}
+
+SEC("cgroup/connect4")
+int hl_connect4(struct bpf_sock_addr *ctx) { return steer4(ctx); }
+
+SEC("cgroup/connect6")
+int hl_connect6(struct bpf_sock_addr *ctx) { return steer6(ctx); }
+
+SEC("cgroup/sendmsg4")
+int hl_sendmsg4(struct bpf_sock_addr *ctx) { return steer4(ctx); }
+
+SEC("cgroup/sendmsg6")
+int hl_sendmsg6(struct bpf_sock_addr *ctx) { return steer6(ctx); }
+
+SEC("cgroup/recvmsg4")
+int hl_recvmsg4(struct bpf_sock_addr *ctx) { unsteer4(ctx); return ALLOW; }
+
+SEC("cgroup/recvmsg6")
+int hl_recvmsg6(struct bpf_sock_addr *ctx) { unsteer6(ctx); return ALLOW; }
+
+SEC("cgroup/getpeername4")
+int hl_getpeer4(struct bpf_sock_addr *ctx) { unsteer4(ctx); return ALLOW; }
+
+SEC("cgroup/getpeername6")
+int hl_getpeer6(struct bpf_sock_addr *ctx) { unsteer6(ctx); return ALLOW; }
+
+char _license[] SEC("license") = "Dual BSD/GPL";
