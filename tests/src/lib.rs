@@ -1,0 +1,373 @@
+//! Test support: throwaway cgroups, simulated nodes (cgroup + agent + pin dir), and
+//! the probe processes that serve and dial inside them. Every guard removes what it
+//! created when dropped, also when the test fails.
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// Fails the test with what is missing when it cannot touch the kernel.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(euid == 0, "this test loads eBPF programs and creates cgroups: run it as root (sudo -E cargo test)");
+    assert!(
+        hitless_agent::cgroup::v2_mount().is_ok(),
+        "this test needs a cgroup v2 hierarchy (none in /proc/mounts): mount one with mount -t cgroup2 none DIR"
+    );
+}
+
+/// Path of a workspace binary built next to the test (cargo test --workspace builds them all).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo test --workspace builds every binary)",
+        path.display()
+    );
+    path
+}
+
+/// A cgroup v2 directory that exists for the guard's lifetime; every process left
+/// in it is killed on drop.
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `<cgroup2 mount>/hitless-test-<name>-<pid>`.
+    pub fn new(name: &str) -> Self {
+        let root = hitless_agent::cgroup::v2_mount().expect("cgroup2 mount");
+        let path = root.join(format!("hitless-test-{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir(&path);
+        assert!(path.join("cgroup.procs").exists(), "could not create cgroup {}", path.display());
+        Self { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A command whose process starts inside this cgroup.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes()).expect("no NUL in path");
+        let mut cmd = Command::new(program);
+        // SAFETY: only async-signal-safe calls (open, write, close) between fork and
+        // exec; the path was allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        cmd
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() && std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove cgroup {}", self.path.display());
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// Wraps a spawned child.
+    pub fn new(child: Child) -> Self {
+        Self { child }
+    }
+    /// The child.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+    /// Sends SIGKILL and reaps.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a probe client saw (see `hitless-probe`).
+#[derive(Debug, Deserialize, Default, Clone)]
+pub struct Summary {
+    /// Successful connects (or datagram round trips).
+    pub ok: u64,
+    /// Failed ones.
+    pub failed: u64,
+    /// Failures by error kind.
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Backend that answered -> count.
+    pub backends: std::collections::BTreeMap<String, u64>,
+    /// Peer address the socket reported -> count.
+    pub peers: std::collections::BTreeMap<String, u64>,
+    /// Slowest failure in ms.
+    pub max_fail_ms: u64,
+}
+
+impl Summary {
+    /// Answers from `backend`.
+    pub fn from(&self, backend: &str) -> u64 {
+        self.backends.get(backend).copied().unwrap_or(0)
+    }
+}
+
+/// Servers started by `hitless-probe serve` inside `cg`, ready when this returns.
+pub fn serve(cg: Option<&Cgroup>, tcp: &[&str], udp: &[&str]) -> Proc {
+    let probe = bin("hitless-probe");
+    let mut cmd = match cg {
+        Some(cg) => cg.command(&probe),
+        None => Command::new(&probe),
+    };
+    cmd.arg("serve");
+    for a in tcp {
+        cmd.args(["--tcp", a]);
+    }
+    for a in udp {
+        cmd.args(["--udp", a]);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn probe serve");
+    let out = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).expect("probe output");
+    assert_eq!(line.trim(), "ready", "probe serve failed to bind {tcp:?} {udp:?}");
+    Proc::new(child)
+}
+
+/// Runs `hitless-probe <args>` (inside `cg` when given) and parses its summary.
+pub fn probe(cg: Option<&Cgroup>, args: &[&str]) -> Summary {
+    let probe = bin("hitless-probe");
+    let mut cmd = match cg {
+        Some(cg) => cg.command(&probe),
+        None => Command::new(&probe),
+    };
+    let out = cmd.args(args).stdin(Stdio::null()).output().expect("run probe");
+    assert!(out.status.success(), "probe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("probe output {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `count` TCP connects to `addr` from inside `cg` (or from outside any node with `None`).
+pub fn connects(cg: Option<&Cgroup>, addr: &str, count: u32) -> Summary {
+    probe(cg, &["connect", addr, "--count", &count.to_string()])
+}
+
+/// `count` UDP round trips to `addr`.
+pub fn datagrams(cg: Option<&Cgroup>, addr: &str, count: u32) -> Summary {
+    probe(cg, &["connect", addr, "--count", &count.to_string(), "--udp"])
+}
+
+/// Connections held open by a probe until [`Held::release`].
+pub struct Held {
+    proc: Proc,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// How held connections ended.
+#[derive(Debug, Deserialize)]
+pub struct HoldSummary {
+    /// Connections opened.
+    pub opened: u64,
+    /// Connections that still echoed when released.
+    pub still_working: u64,
+    /// Backend -> connections.
+    pub backends: std::collections::BTreeMap<String, u64>,
+}
+
+impl Held {
+    /// Opens `count` connections to `addr` from inside `cg`.
+    pub fn open(cg: &Cgroup, addr: &str, count: u32) -> Self {
+        let mut child = cg
+            .command(bin("hitless-probe"))
+            .args(["hold", addr, "--count", &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn probe hold");
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("probe hold output");
+        assert_eq!(line.trim(), "held", "probe hold could not open {count} connections to {addr}");
+        Self { proc: Proc::new(child), stdin, stdout }
+    }
+
+    /// Checks every connection still echoes, closes them all, and reports.
+    pub fn release(mut self) -> HoldSummary {
+        drop(self.stdin.take());
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("probe hold summary");
+        let _ = self.proc.child().wait();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("hold summary {line:?}: {e}"))
+    }
+}
+
+/// A simulated node: its own cgroup, pin directory, registry file and agent.
+pub struct Node {
+    /// Node name (unique per test process).
+    pub name: String,
+    /// The node's cgroup: clients and instances run inside it.
+    pub cgroup: Cgroup,
+    /// Where the node's datapath is pinned.
+    pub pin_dir: PathBuf,
+    /// Scratch directory (registry file, agent log).
+    pub dir: PathBuf,
+    agent: Option<Proc>,
+    extra: Vec<String>,
+}
+
+impl Node {
+    /// Creates the node's cgroup and scratch dir; no agent yet.
+    pub fn new(name: &str) -> Self {
+        require_root();
+        let full = format!("t-{name}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("hitless-{full}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let pin_dir = PathBuf::from("/sys/fs/bpf/hitless").join(&full);
+        Self { cgroup: Cgroup::new(name), name: full, pin_dir, dir, agent: None, extra: Vec::new() }
+    }
+
+    /// Extra agent flags for the next start.
+    pub fn agent_args(&mut self, args: &[&str]) -> &mut Self {
+        self.extra = args.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// The registry file path.
+    pub fn registry(&self) -> PathBuf {
+        self.dir.join("registry.yaml")
+    }
+
+    /// The agent's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Replaces the registry file atomically (write + rename, as editors and ConfigMaps do).
+    pub fn write_registry(&self, text: &str) {
+        let tmp = self.dir.join("registry.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write registry");
+        std::fs::rename(&tmp, self.registry()).expect("rename registry");
+    }
+
+    /// The agent command line for this node.
+    pub fn agent_command(&self) -> Command {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).expect("log");
+        let mut cmd = Command::new(bin("hitless-agent"));
+        cmd.arg("--node")
+            .arg(&self.name)
+            .arg("--registry-file")
+            .arg(self.registry())
+            .arg("--cgroup")
+            .arg(self.cgroup.path())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        cmd
+    }
+
+    /// Starts the agent and waits until it has applied a revision after `after`.
+    pub fn start_agent(&mut self) -> u64 {
+        let before = self.revision();
+        let child = self.agent_command().spawn().expect("spawn agent");
+        self.agent = Some(Proc::new(child));
+        self.wait_revision(before + 1)
+    }
+
+    /// SIGKILLs the agent; the pinned datapath stays.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+    }
+
+    /// The revision the node's maps hold (0 when none).
+    pub fn revision(&self) -> u64 {
+        hitless_agent::writer::Maps::open(&self.pin_dir).and_then(|m| m.revision()).unwrap_or(0)
+    }
+
+    /// Waits until the maps hold `rev` or later; panics with the agent's log after 10 s.
+    pub fn wait_revision(&mut self, rev: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.revision();
+            if now >= rev {
+                return now;
+            }
+            if let Some(a) = self.agent.as_mut() {
+                if let Ok(Some(status)) = a.child().try_wait() {
+                    panic!("agent of {} exited with {status}:\n{}", self.name, self.log());
+                }
+            }
+            assert!(Instant::now() < deadline, "node {} never reached revision {rev}:\n{}", self.name, self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Writes a registry and waits until the agent has applied it.
+    pub fn apply(&mut self, text: &str) -> u64 {
+        let before = self.revision();
+        self.write_registry(text);
+        self.wait_revision(before + 1)
+    }
+
+    /// Active server-side connections of a local backend, as the kernel counts them.
+    pub fn active(&self, addr: &str) -> i64 {
+        let ep = hitless_agent::abi::Endpoint::new(addr.parse().expect("addr"), hitless_agent::abi::PROTO_TCP);
+        hitless_agent::writer::Maps::open(&self.pin_dir).map(|m| m.active_connections(&ep)).unwrap_or(-1)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_agent();
+        let _ = Command::new(bin("hitless-agent"))
+            .args(["detach", "--node", &self.name, "--pin-dir"])
+            .arg(&self.pin_dir)
+            .stdout(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
