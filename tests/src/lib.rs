@@ -26,8 +26,11 @@ pub fn require_root() {
 /// Path of a workspace binary built next to the test (cargo test --workspace builds them all).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -151,12 +154,17 @@ impl Summary {
 
 /// Servers started by `hitless-probe serve` inside `cg`, ready when this returns.
 pub fn serve(cg: Option<&Cgroup>, tcp: &[&str], udp: &[&str]) -> Proc {
+    serve_with("serve", cg, tcp, udp)
+}
+
+/// Like [`serve`] with another probe server mode (`sink` accepts and closes at once).
+pub fn serve_with(mode: &str, cg: Option<&Cgroup>, tcp: &[&str], udp: &[&str]) -> Proc {
     let probe = bin("hitless-probe");
     let mut cmd = match cg {
         Some(cg) => cg.command(&probe),
         None => Command::new(&probe),
     };
-    cmd.arg("serve");
+    cmd.arg(mode);
     for a in tcp {
         cmd.args(["--tcp", a]);
     }

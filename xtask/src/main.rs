@@ -1,1 +1,133 @@
-fn main() {}
+//! `cargo xtask`: the project's chores.
+//!
+//! - `cargo xtask ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed
+//!   `ebpf/*.bpf.o`, or check that the committed objects match their sources.
+//! - `cargo xtask bench [datapath|planner|all] [-- ARGS]`: build in release mode and
+//!   run the benchmarks; each prints ratios against a baseline measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")),
+        Some("bench") => bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]),
+        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask bench [datapath|planner|all]".to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_default()
+}
+
+fn multiarch() -> String {
+    let arch = std::env::consts::ARCH;
+    format!("/usr/include/{arch}-linux-gnu")
+}
+
+/// Compiles one datapath source. The flags are the contract: the same source and
+/// flags give byte-identical objects, and the prefix map keeps the clone path out
+/// of the debug info, so `--check` holds on any checkout.
+fn compile(src: &str, out: &Path) -> Result<(), String> {
+    let dir = root().join("ebpf");
+    let status = Command::new("clang")
+        .current_dir(&dir)
+        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+        .arg(format!("-I{}", multiarch()))
+        .arg("-Iinclude")
+        .arg(format!("-fdebug-prefix-map={}=.", dir.display()))
+        .args(["-c", src, "-o"])
+        .arg(out)
+        .status()
+        .map_err(|e| format!("running clang: {e} (install it: apt-get install clang libbpf-dev)"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("clang failed on ebpf/{src}"))
+    }
+}
+
+fn sources() -> Result<Vec<String>, String> {
+    let dir = root().join("ebpf");
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".bpf.c"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn ebpf(check: bool) -> Result<(), String> {
+    let dir = root().join("ebpf");
+    let tmp = std::env::temp_dir().join(format!("hitless-xtask-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let mut stale = Vec::new();
+    for src in sources()? {
+        let obj = src.replace(".bpf.c", ".bpf.o");
+        if check {
+            let fresh = tmp.join(&obj);
+            compile(&src, &fresh)?;
+            let a = std::fs::read(&fresh).map_err(|e| e.to_string())?;
+            let b = std::fs::read(dir.join(&obj)).unwrap_or_default();
+            if a != b {
+                stale.push(obj);
+            } else {
+                println!("ebpf/{obj}: matches ebpf/{src}");
+            }
+        } else {
+            compile(&src, &dir.join(&obj))?;
+            println!("ebpf/{obj}: built");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    if stale.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("committed objects differ from their sources: {}; run `cargo xtask ebpf` and commit", stale.join(", ")))
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(mut c: Command, what: &str) -> Result<(), String> {
+    let status = c.status().map_err(|e| format!("{what}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed"))
+    }
+}
+
+fn bench(which: &str, rest: &[String]) -> Result<(), String> {
+    let known = ["datapath", "planner", "all"];
+    if !known.contains(&which) {
+        return Err(format!("unknown benchmark {which:?}; one of {}", known.join(", ")));
+    }
+    if which == "planner" || which == "all" {
+        let mut c = cargo();
+        c.args(["run", "--quiet", "--release", "-p", "hitless-coordinator", "--example", "bench_planner", "--"]).args(rest);
+        run(c, "the planner benchmark")?;
+    }
+    if which == "datapath" || which == "all" {
+        let mut c = cargo();
+        c.args(["build", "--quiet", "--release", "-p", "hitless-agent", "-p", "hitless-tests"]);
+        run(c, "building the datapath benchmark")?;
+        let mut c = Command::new(root().join("target/release/hitless-bench"));
+        c.arg("datapath").args(rest);
+        run(c, "the datapath benchmark (needs root)")?;
+    }
+    Ok(())
+}

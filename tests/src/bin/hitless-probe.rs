@@ -53,6 +53,17 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Accepts and closes at once: the cheapest server, for connect-rate benchmarks.
+    Sink {
+        #[arg(long)]
+        tcp: Vec<SocketAddr>,
+    },
+    /// N connect+close as fast as possible; prints {"ok","failed","secs"}.
+    Rate {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        count: u32,
+    },
 }
 
 /// What a client saw.
@@ -110,6 +121,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Hold { addr, count } => hold(addr, count),
+        Cmd::Sink { tcp } => sink(&tcp),
+        Cmd::Rate { addr, count } => rate(addr, count),
     }
 }
 
@@ -246,5 +259,40 @@ fn hold(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
     }
     drop(conns);
     println!("{}", serde_json::to_string(&sum)?);
+    Ok(())
+}
+
+fn sink(tcp: &[SocketAddr]) -> anyhow::Result<()> {
+    let mut threads = Vec::new();
+    for addr in tcp {
+        let l = TcpListener::bind(addr)?;
+        threads.push(std::thread::spawn(move || {
+            for conn in l.incoming() {
+                drop(conn);
+            }
+        }));
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn rate(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let started = Instant::now();
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&addr, TIMEOUT) {
+            Ok(c) => {
+                set_linger_zero(&c);
+                ok += 1;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("{}", serde_json::json!({ "ok": ok, "failed": failed, "secs": secs }));
     Ok(())
 }

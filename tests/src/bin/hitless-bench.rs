@@ -1,0 +1,198 @@
+//! `hitless-bench`: benchmarks that need root and the real kernel, run by
+//! `cargo xtask bench`. Every figure is a ratio against a baseline measured in the
+//! same run, rounds interleaved so that drift on a shared machine hits all alike.
+//!
+//! `datapath`: connect+close rate to a VIP through the hook with 1, 1,000 and 10,000
+//! services, against dialling the backend directly without the hook; then the same
+//! through iptables DNAT chains of 1, 1,000 and 10,000 rules (kube-proxy's iptables
+//! mode), against direct with the nat table loaded.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+use hitless_tests::{bin, require_root, serve_with, Cgroup, Node};
+
+const SINK: &str = "127.110.0.1:9000";
+const SIZES: [usize; 3] = [1, 1_000, 10_000];
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().map_or("datapath", String::as_str);
+    let count: u32 = flag(&args, "--count").unwrap_or(5_000);
+    let rounds: usize = flag(&args, "--rounds").unwrap_or(5);
+    match what {
+        "datapath" => datapath(count, rounds),
+        other => bail!("unknown benchmark {other:?}; known: datapath"),
+    }
+}
+
+fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
+
+/// One measured configuration: where the client runs and what it dials.
+struct Config {
+    label: String,
+    cgroup: Option<std::path::PathBuf>,
+    addr: String,
+}
+
+/// Connects per second of one run of `hitless-probe rate`.
+fn rate(cfg: &Config, cgroups: &BTreeMap<std::path::PathBuf, &Cgroup>, count: u32) -> anyhow::Result<f64> {
+    let probe = bin("hitless-probe");
+    let mut cmd = match &cfg.cgroup {
+        Some(p) => cgroups[p].command(&probe),
+        None => Command::new(&probe),
+    };
+    let out = cmd.args(["rate", &cfg.addr, "--count", &count.to_string()]).stdin(Stdio::null()).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("probe rate for {}", cfg.label))?;
+    let failed = v["failed"].as_u64().unwrap_or(u64::MAX);
+    if failed != 0 {
+        bail!("{}: {failed} connects failed", cfg.label);
+    }
+    Ok(f64::from(count) / v["secs"].as_f64().unwrap_or(f64::NAN))
+}
+
+/// Median rate per config, rounds interleaved.
+fn measure(configs: &[Config], cgroups: &BTreeMap<std::path::PathBuf, &Cgroup>, count: u32, rounds: usize) -> anyhow::Result<Vec<f64>> {
+    // Warm-up round, not counted.
+    for c in configs {
+        rate(c, cgroups, count / 5)?;
+    }
+    let mut samples = vec![Vec::new(); configs.len()];
+    for _ in 0..rounds {
+        for (i, c) in configs.iter().enumerate() {
+            samples[i].push(rate(c, cgroups, count)?);
+        }
+    }
+    Ok(samples
+        .into_iter()
+        .map(|mut s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        })
+        .collect())
+}
+
+/// A registry of `n` services; the measured one (last) has `vip` and the sink as backend.
+fn registry(n: usize, vip: &str) -> String {
+    let mut s = String::from("services:\n");
+    for i in 0..n - 1 {
+        // Other services: their own VIPs and backends, never dialled.
+        let (hi, lo) = (i / 250, i % 250 + 1);
+        s += &format!(
+            "  - {{ name: s{i}, vips: [\"127.78.{hi}.{lo}:9000\"], backends: [{{ address: \"127.112.{hi}.{lo}:9000\" }}] }}\n"
+        );
+    }
+    s += &format!("  - {{ name: measured, vips: [\"{vip}\"], backends: [{{ address: \"{SINK}\" }}] }}\n");
+    s
+}
+
+/// iptables nat chains for the DNAT baseline, removed on drop.
+struct Dnat {
+    chains: Vec<String>,
+    conntrack_max: Option<String>,
+}
+
+const CT_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+
+impl Dnat {
+    /// One chain per size, reached by destination address, measured rule last.
+    fn install() -> anyhow::Result<(Self, Vec<String>)> {
+        let mut rules = String::from("*nat\n");
+        let mut chains = Vec::new();
+        let mut vips = Vec::new();
+        for (k, n) in SIZES.iter().enumerate() {
+            let chain = format!("HITLESS-BENCH-{n}");
+            let dst = format!("127.79.{k}.1");
+            rules += &format!(":{chain} - [0:0]\n-A OUTPUT -d {dst}/32 -p tcp -j {chain}\n");
+            for i in 0..n - 1 {
+                rules += &format!("-A {chain} -d {dst}/32 -p tcp --dport {} -j DNAT --to-destination 127.112.200.1:9000\n", 20_000 + i);
+            }
+            rules += &format!("-A {chain} -d {dst}/32 -p tcp --dport 9000 -j DNAT --to-destination {SINK}\n");
+            chains.push(chain);
+            vips.push(format!("{dst}:9000"));
+        }
+        rules += "COMMIT\n";
+        let mut child = Command::new("iptables-restore")
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("running iptables-restore (apt-get install iptables)")?;
+        std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, rules.as_bytes())?;
+        drop(child.stdin.take());
+        let guard = Self { chains, conntrack_max: std::fs::read_to_string(CT_MAX).ok() };
+        if !child.wait()?.success() {
+            bail!("iptables-restore failed");
+        }
+        // Thousands of connections a second stay in conntrack for a while after RST.
+        let _ = std::fs::write(CT_MAX, "2000000");
+        Ok((guard, vips))
+    }
+}
+
+impl Drop for Dnat {
+    fn drop(&mut self) {
+        for (k, chain) in self.chains.iter().enumerate() {
+            let dst = format!("127.79.{k}.1/32");
+            let _ = Command::new("iptables").args(["-t", "nat", "-D", "OUTPUT", "-d", &dst, "-p", "tcp", "-j", chain]).status();
+            let _ = Command::new("iptables").args(["-t", "nat", "-F", chain]).status();
+            let _ = Command::new("iptables").args(["-t", "nat", "-X", chain]).status();
+        }
+        if let Some(v) = &self.conntrack_max {
+            let _ = std::fs::write(CT_MAX, v.trim());
+        }
+    }
+}
+
+fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
+    require_root();
+    let _sink = serve_with("sink", None, &[SINK], &[]);
+    let direct_cg = Cgroup::new("bench-direct");
+    let mut nodes = Vec::new();
+    for n in SIZES {
+        let mut node = Node::new(&format!("bench-{n}"));
+        node.agent_args(&["--max-services", "16384", "--max-vips", "16384", "--max-backends", "16384"]);
+        node.write_registry(&registry(n, "127.79.9.1:9000"));
+        node.start_agent();
+        // The datapath is pinned: measure without the agent running beside it.
+        node.kill_agent();
+        nodes.push(node);
+    }
+    let mut cgroups: BTreeMap<std::path::PathBuf, &Cgroup> = BTreeMap::new();
+    cgroups.insert(direct_cg.path().to_owned(), &direct_cg);
+    for n in &nodes {
+        cgroups.insert(n.cgroup.path().to_owned(), &n.cgroup);
+    }
+
+    let direct = || Config { label: "direct, no hook".into(), cgroup: Some(direct_cg.path().to_owned()), addr: SINK.into() };
+    let mut a = vec![direct()];
+    for (n, node) in SIZES.iter().zip(&nodes) {
+        a.push(Config { label: format!("hook, {n} services"), cgroup: Some(node.cgroup.path().to_owned()), addr: "127.79.9.1:9000".into() });
+    }
+    eprintln!("measuring the hook: {} configs x {rounds} rounds x {count} connects", a.len());
+    let ra = measure(&a, &cgroups, count, rounds)?;
+
+    let (dnat, vips) = Dnat::install()?;
+    let mut b = vec![Config { label: "direct, nat table loaded".into(), ..direct() }];
+    for (n, vip) in SIZES.iter().zip(&vips) {
+        b.push(Config { label: format!("iptables DNAT, {n} rules"), cgroup: Some(direct_cg.path().to_owned()), addr: vip.clone() });
+    }
+    eprintln!("measuring iptables DNAT: {} configs x {rounds} rounds x {count} connects", b.len());
+    let rb = measure(&b, &cgroups, count, rounds)?;
+    drop(dnat);
+
+    println!("\ndatapath: connect+close to a VIP, median of {rounds} interleaved rounds of {count} connects");
+    println!("| path | connects/s | vs direct |");
+    println!("|---|---:|---:|");
+    for (c, r) in a.iter().zip(&ra) {
+        println!("| {} | {:.0} | {:.3} |", c.label, r, r / ra[0]);
+    }
+    for (c, r) in b.iter().zip(&rb) {
+        println!("| {} | {:.0} | {:.3} |", c.label, r, r / rb[0]);
+    }
+    println!("hook cost at 10,000 vs 1 service: {:.3}x slower (target <= 1.05)", ra[1] / ra[3]);
+    println!("DNAT cost at 10,000 vs 1 rule:    {:.3}x slower", rb[1] / rb[3]);
+    Ok(())
+}
