@@ -2,6 +2,7 @@
 //!
 //! - `cargo xtask ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed
 //!   `ebpf/*.bpf.o`, or check that the committed objects match their sources.
+//! - `cargo xtask demo`: build in release mode and run the local demo (as root).
 //! - `cargo xtask bench [datapath|planner|all] [-- ARGS]`: build in release mode and
 //!   run the benchmarks; each prints ratios against a baseline measured in the same run.
 
@@ -12,8 +13,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")),
+        Some("demo") => demo(),
         Some("bench") => bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]),
-        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask bench [datapath|planner|all]".to_owned()),
+        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask demo | cargo xtask bench [datapath|planner|all]".to_owned()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,4 +132,11 @@ fn bench(which: &str, rest: &[String]) -> Result<(), String> {
         run(c, "the datapath benchmark (needs root)")?;
     }
     Ok(())
+}
+
+fn demo() -> Result<(), String> {
+    let mut c = cargo();
+    c.args(["build", "--quiet", "--release", "-p", "hitless-agent", "-p", "hitless-tests"]);
+    run(c, "building the demo")?;
+    run(Command::new(root().join("target/release/hitless-demo-static")), "the demo (needs root)")
 }
