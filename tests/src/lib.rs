@@ -171,11 +171,16 @@ pub fn serve_with(mode: &str, cg: Option<&Cgroup>, tcp: &[&str], udp: &[&str]) -
     for a in udp {
         cmd.args(["--udp", a]);
     }
-    let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn probe serve");
+    spawn_ready(cmd)
+}
+
+/// Spawns a probe server and waits for its `ready` line.
+pub fn spawn_ready(mut cmd: Command) -> Proc {
+    let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn probe server");
     let out = child.stdout.take().expect("piped");
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line).expect("probe output");
-    assert_eq!(line.trim(), "ready", "probe serve failed to bind {tcp:?} {udp:?}");
+    assert_eq!(line.trim(), "ready", "probe server failed to start: {cmd:?}");
     Proc::new(child)
 }
 

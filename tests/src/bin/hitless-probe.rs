@@ -57,12 +57,18 @@ enum Cmd {
     Sink {
         #[arg(long)]
         tcp: Vec<SocketAddr>,
+        /// Pin to this CPU (benchmarks: keep client and server apart).
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// N connect+close as fast as possible; prints {"ok","failed","secs"}.
     Rate {
         addr: SocketAddr,
         #[arg(long, default_value_t = 10_000)]
         count: u32,
+        /// Pin to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
 }
 
@@ -121,8 +127,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Hold { addr, count } => hold(addr, count),
-        Cmd::Sink { tcp } => sink(&tcp),
-        Cmd::Rate { addr, count } => rate(addr, count),
+        Cmd::Sink { tcp, cpu } => {
+            pin_cpu(cpu);
+            sink(&tcp)
+        }
+        Cmd::Rate { addr, count, cpu } => {
+            pin_cpu(cpu);
+            rate(addr, count)
+        }
     }
 }
 
@@ -295,4 +307,14 @@ fn rate(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     println!("{}", serde_json::json!({ "ok": ok, "failed": failed, "secs": secs }));
     Ok(())
+}
+
+fn pin_cpu(cpu: Option<usize>) {
+    let Some(cpu) = cpu else { return };
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
 }
