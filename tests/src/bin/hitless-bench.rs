@@ -68,11 +68,12 @@ fn measure(
     for c in configs {
         rate(c, cgroups, count / 5)?;
     }
-    let mut samples = vec![vec![0.0; rounds]; configs.len()];
+    let mut samples = vec![Vec::with_capacity(rounds); configs.len()];
     for r in 0..rounds {
         for k in 0..configs.len() {
+            // One sample per config per round, so each Vec stays in round order.
             let i = (r + k) % configs.len();
-            samples[i][r] = rate(&configs[i], cgroups, count)?;
+            samples[i].push(rate(&configs[i], cgroups, count)?);
         }
     }
     Ok(samples)
