@@ -4,11 +4,13 @@
 //! Modules, lowest first: [`abi`] (map layouts shared with the C datapath),
 //! [`registry`] (the registry file), [`desired`] (what the maps should hold),
 //! [`writer`] (the only writer of the maps), [`sys`] and [`cgroup`] (kernel
-//! plumbing), [`loader`] (load, pin, attach, swap, detach) and [`static_mode`].
+//! plumbing), [`loader`] (load, pin, attach, swap, detach), and the two sources of the
+//! registry: [`static_mode`] (a file) and [`link`] (the coordinator).
 
 pub mod abi;
 pub mod cgroup;
 pub mod desired;
+pub mod link;
 pub mod loader;
 pub mod registry;
 pub mod static_mode;

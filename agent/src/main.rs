@@ -10,7 +10,7 @@ use tracing::info;
 
 use hitless_agent::loader::{self, Capacities};
 use hitless_agent::writer::{Maps, Writer};
-use hitless_agent::{cgroup, static_mode};
+use hitless_agent::{cgroup, link, static_mode};
 
 /// The hitless node agent: steers and drains connections inside connect().
 #[derive(Parser)]
@@ -41,8 +41,11 @@ struct RunArgs {
     #[arg(long)]
     node: Option<String>,
     /// Static mode: the registry file to steer by (applied on every change).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "coordinator")]
     registry_file: Option<PathBuf>,
+    /// Coordinator mode: the coordinator's URL (http://HOST:PORT); the agent dials out.
+    #[arg(long, value_name = "URL")]
+    coordinator: Option<String>,
     /// Cgroup v2 directory to attach to (default: the cgroup v2 root, found in /proc/mounts).
     #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
@@ -143,11 +146,12 @@ fn detach(node: &str, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = node_name(args.node.as_deref().ok_or_else(|| BadInput("--node NAME is required".into()))?)?;
-    let file = args.registry_file.ok_or_else(|| {
-        BadInput("--registry-file FILE is required (coordinator mode is not available in this build yet)".into())
-    })?;
-    // Validate before touching the kernel: a bad file changes nothing.
-    let reg = static_mode::read(&file)?;
+    // Static mode validates the file before touching the kernel: a bad file changes nothing.
+    let source = match (&args.registry_file, &args.coordinator) {
+        (Some(file), None) => Source::File(file.clone(), static_mode::read(file)?),
+        (None, Some(url)) => Source::Coordinator(coordinator_url(url)?),
+        _ => return Err(BadInput("give --registry-file FILE (static mode) or --coordinator URL".into()).into()),
+    };
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => cgroup::v2_mount().context("finding the cgroup v2 root to attach to")?,
@@ -176,6 +180,28 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(?cap, "reused maps keep the capacities they were created with; detach the node to change them");
     }
     let mut writer = Writer::new(maps)?;
-    static_mode::apply(&mut writer, &reg)?;
-    static_mode::watch(&file, &mut writer, Duration::from_millis(args.poll_ms.max(1)))
+    match source {
+        Source::File(file, reg) => {
+            static_mode::apply(&mut writer, &reg)?;
+            static_mode::watch(&file, &mut writer, Duration::from_millis(args.poll_ms.max(1)))
+        }
+        Source::Coordinator(url) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(link::run(url, node.to_owned(), writer))
+        }
+    }
+}
+
+enum Source {
+    File(PathBuf, hitless_agent::registry::Registry),
+    Coordinator(String),
+}
+
+fn coordinator_url(url: &str) -> anyhow::Result<String> {
+    let ok = (url.starts_with("http://") || url.starts_with("https://")) && url.len() > "http://".len();
+    if ok {
+        Ok(url.to_owned())
+    } else {
+        Err(BadInput(format!("--coordinator {url:?}: give a URL such as http://127.0.0.1:7070")).into())
+    }
 }
