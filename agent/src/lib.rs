@@ -12,7 +12,9 @@ pub mod cgroup;
 pub mod desired;
 pub mod link;
 pub mod loader;
-pub mod registry;
 pub mod static_mode;
 pub mod sys;
 pub mod writer;
+
+/// The registry file format, shared with the coordinator.
+pub use hitless_model::registry;

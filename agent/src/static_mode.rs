@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info, warn};
 
 use crate::desired;
-use crate::registry::{self, Registry, RegistryError};
+use hitless_model::ModelError;
+
+use crate::registry::Registry;
 use crate::writer::{WriteError, Writer};
 
 /// Why the registry file could not be used.
@@ -30,14 +32,14 @@ pub enum FileError {
         /// The file.
         path: PathBuf,
         /// Every problem.
-        source: RegistryError,
+        source: ModelError,
     },
 }
 
 /// Reads and validates a registry file.
 pub fn read(path: &Path) -> Result<Registry, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
-    registry::parse(&text).map_err(|source| FileError::Invalid { path: path.to_owned(), source })
+    Registry::parse(&text).map_err(|source| FileError::Invalid { path: path.to_owned(), source })
 }
 
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -99,7 +101,7 @@ pub fn watch(path: &Path, writer: &mut Writer, poll: Duration) -> ! {
             continue;
         }
         last_text = Some(text.clone());
-        match registry::parse(&text) {
+        match Registry::parse(&text) {
             Ok(reg) => {
                 if let Err(e) = apply(writer, &reg) {
                     error!(file = %path.display(), error = %e, "registry not applied; the state in force is unchanged or safely partial, and the next change retries");

@@ -9,6 +9,7 @@ mod cluster;
 mod decode;
 mod duration;
 mod error;
+pub mod registry;
 mod validate;
 
 pub use architecture::{Architecture, Health, PreStop, RunSpec, Service};

@@ -256,7 +256,7 @@ fn a_bad_file_names_the_field_and_changes_nothing() {
     let out = node.agent_command().stderr(Stdio::piped()).output().expect("agent");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("services[0].backends[0]: unknown field `wieght`"), "{err}");
+    assert!(err.contains("services[0].backends[0].wieght: unknown field `wieght`; did you mean `weight`?"), "{err}");
     assert!(!node.pin_dir.exists(), "a bad file must not load anything");
 
     let good = registry(&[service("cart", &["127.77.8.1:8080"], "steer", &[(b, "serving", 100)])]);
