@@ -173,8 +173,7 @@ impl Strategy {
                 Promise { min_serving: desired.saturating_sub(u), max_total: Some(desired.saturating_add(s)) }
             }
             Self::Gray { first_batch, batches } => {
-                let first = first_batch.round_up(desired).clamp(1, desired.max(1)).min(desired);
-                let batch = (desired - first).div_ceil(*batches).max(first);
+                let (_, batch) = gray_sizes(*first_batch, *batches, desired);
                 Promise { min_serving: desired, max_total: Some(desired.saturating_add(batch)) }
             }
             Self::BlueGreen | Self::Weighted { .. } => Promise { min_serving: desired, max_total: None },
@@ -299,7 +298,7 @@ fn blue_green(v: &View<'_>) -> Counts {
 
 fn gray(v: &View<'_>, first_batch: Amount, batches: u32) -> Counts {
     let d = DEFAULT_WEIGHT;
-    let first = first_batch.round_up(v.desired).clamp(1, v.desired);
+    let (first, batch) = gray_sizes(first_batch, batches, v.desired);
     let rest = v.desired - first;
     // Batch boundaries depend only on the desired count, so a resumed rollout lands on them.
     let boundary = |i: u32| {
@@ -308,10 +307,18 @@ fn gray(v: &View<'_>, first_batch: Amount, batches: u32) -> Counts {
     };
     let next =
         if v.kept < first { first } else { (1..=batches).map(boundary).find(|&b| b > v.kept).unwrap_or(v.desired) };
-    let start = next.saturating_sub(v.kept);
+    // Never more than one batch over the desired count (a cluster already above it shrinks first).
+    let start = next.saturating_sub(v.kept).min((v.desired + batch).saturating_sub(v.total));
     let stop = v.old.min((v.total + start).saturating_sub(v.desired));
-    let gate = (next == first && first < v.desired && v.other_versions() > 0).then_some(Gate::Approval);
+    let gate = (v.kept + start == first && first < v.desired && v.other_versions() > 0).then_some(Gate::Approval);
     (start, stop, Order::StartFirst, (d, d), gate)
+}
+
+/// Gray's first batch and largest batch for `desired` instances.
+fn gray_sizes(first_batch: Amount, batches: u32, desired: u32) -> (u32, u32) {
+    let first = first_batch.round_up(desired).clamp(1, desired.max(1)).min(desired);
+    let rest = (desired - first).div_ceil(batches.max(1));
+    (first, first.max(rest))
 }
 
 fn weighted(v: &View<'_>, steps: &[u32]) -> Counts {

@@ -1,0 +1,150 @@
+//! The `Coordinator` service for the CLI: status, and drain/undrain with a barrier
+//! that returns once every live agent has the change in its kernel maps.
+//!
+//! Lost nodes: the barrier waits for the agents connected when the drain is decided.
+//! A node whose agent is disconnected is reported (`connected: false`), never silently
+//! counted; its datapath keeps steering with the last state it applied (fail static)
+//! and it receives the drain as soon as it reconnects. A drain is complete when every
+//! live agent acked within the timeout.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hitless_proto::v1::{self as pb, coordinator_server};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::state::Shared;
+use crate::registry::validate_key;
+
+/// Default wait of a drain barrier.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `Coordinator` service.
+pub struct ControlApi {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+}
+
+impl ControlApi {
+    async fn barrier(&self, req: pb::DrainRequest, state: pb::InstanceState) -> Result<pb::DrainResponse, Status> {
+        let k = req.key.ok_or_else(|| Status::invalid_argument("key: missing; give { service, address }"))?;
+        validate_key(&k.service, &k.address, "key")?;
+        let address = k.address.parse::<std::net::SocketAddr>().map(|a| a.to_string()).unwrap_or(k.address);
+        let key = (k.service, address);
+        let timeout = match req.timeout_ms {
+            0 => DEFAULT_DRAIN_TIMEOUT,
+            ms => Duration::from_millis(ms.min(600_000)),
+        };
+        // Listen before deciding, so no ack can slip between the two.
+        let mut acks = self.shared.acks.subscribe();
+        let decided = Instant::now();
+        let revision = self.shared.mutate(|s| s.set_state(&key, state))?;
+        let deadline = decided + timeout;
+
+        let mut result: BTreeMap<String, pb::NodeAck> = BTreeMap::new();
+        let mut pending = Vec::new();
+        for (name, n) in self.shared.nodes() {
+            let ack = pb::NodeAck { node: name.clone(), acked: false, latency_us: 0, connected: n.connected };
+            if n.connected && n.applied >= revision {
+                result.insert(name, pb::NodeAck { acked: true, ..ack });
+            } else {
+                if n.connected {
+                    pending.push(name.clone());
+                }
+                result.insert(name, ack);
+            }
+        }
+        while !pending.is_empty() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                break;
+            }
+            let event = tokio::time::timeout(wait.min(Duration::from_millis(50)), acks.recv()).await;
+            match event {
+                Ok(Ok(ev)) if ev.revision >= revision => {
+                    if let Some(pos) = pending.iter().position(|p| *p == ev.node) {
+                        pending.swap_remove(pos);
+                        if let Some(r) = result.get_mut(&ev.node) {
+                            r.acked = true;
+                            r.latency_us = ev.at.saturating_duration_since(decided).as_micros() as u64;
+                        }
+                    }
+                }
+                Ok(Ok(_)) | Err(_) | Ok(Err(RecvError::Lagged(_))) => {
+                    // Timeout tick or missed events: re-read the nodes, catching acks
+                    // we missed and agents that went away while we waited.
+                    let nodes = self.shared.nodes();
+                    pending.retain(|p| {
+                        let Some(n) = nodes.get(p) else { return false };
+                        let r = result.get_mut(p);
+                        if !n.connected {
+                            if let Some(r) = r {
+                                r.connected = false;
+                            }
+                            return false;
+                        }
+                        if n.applied >= revision {
+                            if let Some(r) = r {
+                                r.acked = true;
+                                r.latency_us = decided.elapsed().as_micros() as u64;
+                            }
+                            return false;
+                        }
+                        true
+                    });
+                }
+                Ok(Err(RecvError::Closed)) => break,
+            }
+        }
+        let nodes: Vec<pb::NodeAck> = result.into_values().collect();
+        let complete = nodes.iter().all(|n| n.acked || !n.connected);
+        info!(
+            service = %key.0,
+            address = %key.1,
+            state = ?state,
+            revision,
+            acked = nodes.iter().filter(|n| n.acked).count(),
+            lost = nodes.iter().filter(|n| !n.connected).count(),
+            complete,
+            "barrier"
+        );
+        Ok(pb::DrainResponse { revision, nodes, complete })
+    }
+}
+
+#[tonic::async_trait]
+impl coordinator_server::Coordinator for ControlApi {
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let revision = self.shared.revision();
+        let nodes = self
+            .shared
+            .nodes()
+            .into_iter()
+            .map(|(node, n)| pb::NodeStatus {
+                node,
+                connected: n.connected,
+                applied_revision: n.applied,
+                lag: revision.saturating_sub(n.applied),
+                last_contact_ms_ago: n.last_contact.elapsed().as_millis() as u64,
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse { revision, nodes }))
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        Ok(Response::new(self.barrier(req.into_inner(), pb::InstanceState::Draining).await?))
+    }
+
+    async fn undrain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        Ok(Response::new(self.barrier(req.into_inner(), pb::InstanceState::Serving).await?))
+    }
+
+    async fn pull(&self, _req: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {
+        Err(Status::unimplemented(
+            "pull: the running architecture comes from the instances agents run, which arrives with the rollout engine",
+        ))
+    }
+}

@@ -1,0 +1,97 @@
+//! The coordinator's gRPC server: `Registry`, `AgentLink` and `Coordinator`, plus the
+//! standard health and reflection services so grpcurl and probes work.
+
+mod agent_link;
+mod control;
+mod registry_api;
+mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hitless_proto::v1::{agent_link_server::AgentLinkServer, coordinator_server::CoordinatorServer, registry_server::RegistryServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use control::DEFAULT_DRAIN_TIMEOUT;
+pub use registry_api::MAX_REGISTRY_YAML;
+pub use state::{AckEvent, NodeInfo, Shared};
+
+use crate::store::{Store, StoreError};
+
+/// Largest request message the server decodes.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+/// Why the server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("building reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Opens the store in `data_dir`, binds `listen`, calls `ready` with the bound address,
+/// and serves until `shutdown` resolves.
+pub async fn serve(
+    listen: SocketAddr,
+    data_dir: &Path,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let store = Store::open(data_dir)?;
+    let state = store.load()?;
+    info!(revision = state.revision(), data_dir = %data_dir.display(), "registry loaded");
+    let shared = Shared::new(state, store);
+
+    let expiry = shared.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            expiry.expire_leases();
+        }
+    });
+
+    let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let bound = listener.local_addr().map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RegistryServer<registry_api::RegistryApi>>().await;
+    health.set_serving::<AgentLinkServer<agent_link::AgentLinkApi>>().await;
+    health.set_serving::<CoordinatorServer<control::ControlApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hitless_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    info!(%bound, "coordinator listening");
+    ready(bound);
+    tonic::transport::Server::builder()
+        // Notice an agent that vanished without closing its connection.
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(RegistryServer::new(registry_api::RegistryApi { shared: shared.clone() }).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(AgentLinkServer::new(agent_link::AgentLinkApi { shared: shared.clone() }).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(CoordinatorServer::new(control::ControlApi { shared: Arc::clone(&shared) }).max_decoding_message_size(MAX_MESSAGE))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

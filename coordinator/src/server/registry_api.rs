@@ -1,0 +1,88 @@
+//! The `Registry` service: register, deregister, heartbeat, list, watch, apply.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use hitless_model::registry::Registry;
+use hitless_proto::v1::{self as pb, registry_server};
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::state::Shared;
+use crate::registry::{validate_instance, validate_key, Key};
+
+/// Largest registry file `Apply` accepts.
+pub const MAX_REGISTRY_YAML: usize = 1 << 20;
+
+/// The `Registry` service.
+pub struct RegistryApi {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+}
+
+fn key(k: Option<&pb::InstanceKey>, at: &str) -> Result<Key, Status> {
+    let k = k.ok_or_else(|| Status::invalid_argument(format!("{at}: missing; give {{ service, address }}")))?;
+    validate_key(&k.service, &k.address, at)?;
+    let address = k.address.parse::<std::net::SocketAddr>().map(|a| a.to_string()).unwrap_or_else(|_| k.address.clone());
+    Ok((k.service.clone(), address))
+}
+
+#[tonic::async_trait]
+impl registry_server::Registry for RegistryApi {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let i = req.into_inner().instance.ok_or_else(|| Status::invalid_argument("instance: missing; give the instance to register"))?;
+        let i = validate_instance(&i, "instance")?;
+        let revision = self.shared.mutate(|s| s.register(&i))?;
+        Ok(Response::new(pb::RegisterResponse { revision }))
+    }
+
+    async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let k = key(req.get_ref().key.as_ref(), "key")?;
+        let revision = self.shared.mutate(|s| s.deregister(&k))?;
+        Ok(Response::new(pb::DeregisterResponse { revision }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let keys = req
+            .get_ref()
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| key(Some(k), &format!("keys[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (revision, unknown) = self.shared.heartbeat(&keys)?;
+        let unknown = unknown.into_iter().map(|(service, address)| pb::InstanceKey { service, address }).collect();
+        Ok(Response::new(pb::HeartbeatResponse { revision, unknown }))
+    }
+
+    async fn list(&self, _req: Request<pb::ListRequest>) -> Result<Response<pb::Snapshot>, Status> {
+        Ok(Response::new((*self.shared.snapshot()).clone()))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Snapshot, Status>> + Send>>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let after = req.get_ref().after_revision;
+        let stream = WatchStream::new(self.shared.published.subscribe())
+            .filter(move |s| s.revision > after || after == 0)
+            .map(|s| Ok((*s).clone()));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let yaml = &req.get_ref().registry_yaml;
+        if yaml.len() > MAX_REGISTRY_YAML {
+            return Err(Status::invalid_argument(format!(
+                "registry_yaml: {} bytes is more than the {MAX_REGISTRY_YAML} accepted; split the registry",
+                yaml.len()
+            )));
+        }
+        let reg = Registry::parse(yaml).map_err(|e| {
+            let lines: Vec<String> = e.problems().iter().map(|p| format!("registry_yaml: {p}")).collect();
+            Status::invalid_argument(lines.join("\n"))
+        })?;
+        let revision = self.shared.mutate(|s| Ok(s.apply(&reg)))?;
+        Ok(Response::new(pb::ApplyResponse { revision }))
+    }
+}

@@ -1,0 +1,245 @@
+//! The coordinator's shared state: the registry (in memory and in the store), the
+//! leases of registered instances, and the agents with what each has applied.
+//!
+//! Every change goes through [`Shared::mutate`]: compute, commit to the store, apply in
+//! memory, publish — under one lock, so revisions are strictly ordered and what agents
+//! receive is always what the store holds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hitless_proto::v1 as pb;
+use tokio::sync::{broadcast, watch};
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::registry::{Changes, Key, RegistryError, RegistryState};
+use crate::store::Store;
+
+/// An agent's acknowledgement: its maps hold `revision` since `at`.
+#[derive(Debug, Clone)]
+pub struct AckEvent {
+    /// Node name.
+    pub node: String,
+    /// Revision its maps hold.
+    pub revision: u64,
+    /// When the ack arrived.
+    pub at: Instant,
+}
+
+/// What the coordinator knows of one node's agent.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Id of the session in force (a reconnecting agent gets a new one).
+    pub session: u64,
+    /// A session is open.
+    pub connected: bool,
+    /// Revision its maps hold, as last acknowledged.
+    pub applied: u64,
+    /// Last message from it.
+    pub last_contact: Instant,
+}
+
+struct Inner {
+    state: RegistryState,
+    store: Store,
+    /// Lease deadline of each instance registered with a TTL.
+    leases: BTreeMap<Key, Instant>,
+    /// Instances marked down because their lease lapsed (a heartbeat brings them back).
+    lapsed: BTreeSet<Key>,
+}
+
+/// State shared by every RPC handler.
+pub struct Shared {
+    inner: Mutex<Inner>,
+    nodes: Mutex<BTreeMap<String, NodeInfo>>,
+    next_session: Mutex<u64>,
+    /// The registry as last committed; agents' sessions follow it.
+    pub published: watch::Sender<Arc<pb::Snapshot>>,
+    /// Acknowledgements as they arrive (drain barriers listen here).
+    pub acks: broadcast::Sender<AckEvent>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A handler that panicked while holding the lock left the data consistent (every
+    // mutation is computed before anything is written), so keep going with it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            RegistryError::NotFound { .. } => Status::not_found(e.to_string()),
+        }
+    }
+}
+
+impl Shared {
+    /// State loaded from `store`; every leased instance gets a full TTL of grace.
+    pub fn new(state: RegistryState, store: Store) -> Arc<Self> {
+        let now = Instant::now();
+        let leases = state
+            .instances()
+            .filter(|i| i.ttl_ms > 0)
+            .map(|i| ((i.service.clone(), i.address.clone()), now + Duration::from_millis(i.ttl_ms)))
+            .collect();
+        let (published, _) = watch::channel(Arc::new(state.snapshot()));
+        let (acks, _) = broadcast::channel(4096);
+        Arc::new(Self {
+            inner: Mutex::new(Inner { state, store, leases, lapsed: BTreeSet::new() }),
+            nodes: Mutex::new(BTreeMap::new()),
+            next_session: Mutex::new(0),
+            published,
+            acks,
+        })
+    }
+
+    /// The registry revision.
+    pub fn revision(&self) -> u64 {
+        lock(&self.inner).state.revision()
+    }
+
+    /// The registry now.
+    pub fn snapshot(&self) -> Arc<pb::Snapshot> {
+        self.published.borrow().clone()
+    }
+
+    /// Computes a change from the state in force, makes it durable, applies and
+    /// publishes it. Returns the revision that holds it (unchanged when nothing changed).
+    pub fn mutate(&self, f: impl FnOnce(&RegistryState) -> Result<Changes, RegistryError>) -> Result<u64, Status> {
+        let mut inner = lock(&self.inner);
+        let changes = f(&inner.state)?;
+        self.commit(&mut inner, &changes)
+    }
+
+    fn commit(&self, inner: &mut Inner, changes: &Changes) -> Result<u64, Status> {
+        if changes.is_empty() {
+            return Ok(inner.state.revision());
+        }
+        let revision = inner.state.revision() + 1;
+        // Durable first: a SIGKILL after this line loses nothing that was acknowledged.
+        tokio::task::block_in_place(|| inner.store.commit(changes, revision))
+            .map_err(|e| Status::internal(format!("the change was not stored (nothing changed): {e}")))?;
+        inner.state.commit(changes);
+        for k in &changes.removed_instances {
+            inner.leases.remove(k);
+            inner.lapsed.remove(k);
+        }
+        for name in &changes.removed_services {
+            inner.leases.retain(|(s, _), _| s != name);
+            inner.lapsed.retain(|(s, _)| s != name);
+        }
+        let now = Instant::now();
+        for i in &changes.instances {
+            let key = (i.service.clone(), i.address.clone());
+            if i.ttl_ms > 0 {
+                inner.leases.entry(key).or_insert(now + Duration::from_millis(i.ttl_ms));
+            } else {
+                inner.leases.remove(&key);
+            }
+        }
+        self.published.send_replace(Arc::new(inner.state.snapshot()));
+        Ok(revision)
+    }
+
+    /// Renews leases; returns the keys that are not registered.
+    pub fn heartbeat(&self, keys: &[Key]) -> Result<(u64, Vec<Key>), Status> {
+        let mut inner = lock(&self.inner);
+        let now = Instant::now();
+        let mut unknown = Vec::new();
+        let mut revive = Vec::new();
+        for k in keys {
+            match inner.state.instance(k) {
+                Some(i) if i.ttl_ms > 0 => {
+                    let ttl = Duration::from_millis(i.ttl_ms);
+                    inner.leases.insert(k.clone(), now + ttl);
+                    if inner.lapsed.contains(k) {
+                        revive.push(k.clone());
+                    }
+                }
+                Some(_) => {}
+                None => unknown.push(k.clone()),
+            }
+        }
+        let mut changes = Changes::default();
+        for k in revive {
+            inner.lapsed.remove(&k);
+            if let Ok(c) = inner.state.set_state(&k, pb::InstanceState::Serving) {
+                changes.instances.extend(c.instances);
+            }
+            info!(service = %k.0, address = %k.1, "lease renewed: instance serving again");
+        }
+        let revision = self.commit(&mut inner, &changes)?;
+        Ok((revision, unknown))
+    }
+
+    /// Marks instances whose lease lapsed down; removes those lapsed for 3 TTLs.
+    pub fn expire_leases(&self) {
+        let mut inner = lock(&self.inner);
+        let now = Instant::now();
+        let mut changes = Changes::default();
+        let mut newly_lapsed = Vec::new();
+        for (k, deadline) in &inner.leases {
+            let Some(i) = inner.state.instance(k) else { continue };
+            let ttl = Duration::from_millis(i.ttl_ms);
+            if now > *deadline + 2 * ttl {
+                changes.removed_instances.push(k.clone());
+                info!(service = %k.0, address = %k.1, "lease lapsed three times over: instance deregistered");
+            } else if now > *deadline && !inner.lapsed.contains(k) {
+                let mut down = i.clone();
+                down.set_state(pb::InstanceState::Down);
+                changes.instances.push(down);
+                newly_lapsed.push(k.clone());
+                warn!(service = %k.0, address = %k.1, ttl_ms = i.ttl_ms, "no heartbeat within the lease: instance down");
+            }
+        }
+        inner.lapsed.extend(newly_lapsed);
+        if let Err(e) = self.commit(&mut inner, &changes) {
+            warn!(error = %e, "lease expiry not stored; retrying");
+        }
+    }
+
+    /// Records a new session of `node`; returns its id.
+    pub fn connect(&self, node: &str, applied: u64) -> u64 {
+        let id = {
+            let mut n = lock(&self.next_session);
+            *n += 1;
+            *n
+        };
+        lock(&self.nodes).insert(
+            node.to_owned(),
+            NodeInfo { session: id, connected: true, applied, last_contact: Instant::now() },
+        );
+        info!(%node, applied, session = id, "agent connected");
+        id
+    }
+
+    /// Records an ack of `session` of `node`.
+    pub fn ack(&self, node: &str, session: u64, revision: u64) {
+        let at = Instant::now();
+        if let Some(n) = lock(&self.nodes).get_mut(node) {
+            if n.session == session {
+                n.applied = revision;
+                n.last_contact = at;
+            }
+        }
+        let _ = self.acks.send(AckEvent { node: node.to_owned(), revision, at });
+    }
+
+    /// Records the end of `session` of `node` (a newer session is left alone).
+    pub fn disconnect(&self, node: &str, session: u64) {
+        if let Some(n) = lock(&self.nodes).get_mut(node) {
+            if n.session == session {
+                n.connected = false;
+                warn!(%node, session, "agent disconnected; its datapath keeps the last state it applied");
+            }
+        }
+    }
+
+    /// Every node the coordinator has seen.
+    pub fn nodes(&self) -> BTreeMap<String, NodeInfo> {
+        lock(&self.nodes).clone()
+    }
+}
