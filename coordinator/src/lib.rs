@@ -1,9 +1,13 @@
-//! The hitless rollout coordinator's brain: strategies as pure transitions, and the
-//! fix-point planner that chains them into a plan, with the plan's renderings. The
-//! `hitless` binary is the command line over it.
+//! The hitless rollout coordinator: strategies as pure transitions and the fix-point
+//! planner that chains them into a plan (pure), the built-in registry with its durable
+//! store, and the gRPC server agents and the CLI talk to. The `hitless` binary is the
+//! command line over it.
 
 pub mod planner;
+pub mod registry;
 pub mod render;
+pub mod server;
+pub mod store;
 pub mod strategy;
 pub mod target;
 

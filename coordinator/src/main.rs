@@ -10,6 +10,8 @@ use hitless_coordinator::planner::{self, PlanError};
 use hitless_coordinator::{render, Amount, GateSpec, Strategy, Target};
 use hitless_model::{Architecture, Cluster};
 
+mod remote;
+
 /// Zero-downtime rollouts for microservices, enforced by eBPF in every node's kernel.
 #[derive(Parser)]
 #[command(name = "hitless", version)]
@@ -25,6 +27,17 @@ struct Cli {
 enum Command {
     /// Preview a rollout: every step from the current architecture to the target, touching nothing.
     Plan(PlanArgs),
+    /// Run the coordinator server (registry, agent sessions, drain barriers).
+    Coordinator(remote::ServeArgs),
+    /// Show the registry revision and every node's agent: applied revision, lag, last contact.
+    Status(remote::StatusArgs),
+    /// Mark an instance draining; returns once every live agent has it in its kernel maps.
+    Drain(remote::DrainArgs),
+    /// Put a drained instance back in service, with the same barrier.
+    Undrain(remote::DrainArgs),
+    /// Read and change the coordinator's registry.
+    #[command(subcommand)]
+    Registry(remote::RegistryCommand),
 }
 
 #[derive(Args)]
@@ -76,6 +89,15 @@ enum Failure {
     Failed(anyhow::Error),
 }
 
+impl From<remote::RemoteError> for Failure {
+    fn from(e: remote::RemoteError) -> Self {
+        match e {
+            remote::RemoteError::BadInput(text) => Self::BadInput(BadInput(text.lines().map(str::to_owned).collect())),
+            remote::RemoteError::Failed(e) => Self::Failed(e),
+        }
+    }
+}
+
 impl From<BadInput> for Failure {
     fn from(b: BadInput) -> Self {
         Self::BadInput(b)
@@ -84,8 +106,14 @@ impl From<BadInput> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let url = cli.coordinator.as_deref().unwrap_or(remote::DEFAULT_URL);
     let result = match cli.command {
         Command::Plan(args) => plan(&args),
+        Command::Coordinator(args) => remote::serve(&args).map_err(Failure::from),
+        Command::Status(args) => remote::status(url, &args).map_err(Failure::from),
+        Command::Drain(args) => remote::drain(url, &args, false).map_err(Failure::from),
+        Command::Undrain(args) => remote::drain(url, &args, true).map_err(Failure::from),
+        Command::Registry(cmd) => remote::registry(url, &cmd).map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

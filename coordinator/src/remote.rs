@@ -1,0 +1,350 @@
+//! The `hitless` commands that run or talk to a coordinator: `coordinator`, `status`,
+//! `drain`, `undrain` and `registry ...`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use hitless_model::Duration;
+use hitless_proto::v1::{self as pb, coordinator_client::CoordinatorClient, registry_client::RegistryClient};
+use tonic::transport::Channel;
+
+/// Where a coordinator listens unless told otherwise.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+
+/// `hitless coordinator`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Directory of the coordinator's store (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Log format.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// `hitless drain` / `hitless undrain`.
+#[derive(Args)]
+pub struct DrainArgs {
+    /// Service of the instance.
+    pub service: String,
+    /// Address of the instance (IP:port).
+    pub address: String,
+    /// Longest wait for every live agent to acknowledge.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub timeout: Duration,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_name = "FORMAT", default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
+}
+
+/// `hitless status`.
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_name = "FORMAT", default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
+}
+
+/// `hitless registry ...`.
+#[derive(Subcommand)]
+pub enum RegistryCommand {
+    /// Replace the registry with a registry file (the static-mode format).
+    Apply {
+        /// The registry file.
+        file: PathBuf,
+    },
+    /// Print services and instances.
+    List {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_name = "FORMAT", default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Register an instance (its service is created when new).
+    Register {
+        /// Service.
+        service: String,
+        /// Instance address (IP:port).
+        address: String,
+        /// Version label.
+        #[arg(long, default_value = "")]
+        version: String,
+        /// Relative weight.
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        /// Lease: the instance goes down when no heartbeat renews it within this time.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<Duration>,
+    },
+    /// Remove an instance.
+    Deregister {
+        /// Service.
+        service: String,
+        /// Instance address.
+        address: String,
+    },
+}
+
+/// How a remote command ended, for the exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The request was refused as bad input (exit 2).
+    #[error("{0}")]
+    BadInput(String),
+    /// The operation failed or the coordinator is unreachable (exit 1).
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RemoteError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Failed(e)
+    }
+}
+
+fn status_error(s: tonic::Status) -> RemoteError {
+    match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound => RemoteError::BadInput(s.message().to_owned()),
+        tonic::Code::Unavailable => {
+            RemoteError::Failed(anyhow::anyhow!("the coordinator is unavailable: {}", s.message()))
+        }
+        _ => RemoteError::Failed(anyhow::anyhow!("{}: {}", s.code(), s.message())),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, RemoteError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .map_err(RemoteError::Failed)
+}
+
+async fn channel(url: &str) -> Result<Channel, RemoteError> {
+    let endpoint = Channel::from_shared(url.to_owned())
+        .map_err(|_| RemoteError::BadInput(format!("--coordinator {url:?}: give a URL such as {DEFAULT_URL}")))?;
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}; is `hitless coordinator` running there?"))
+        .map_err(RemoteError::Failed)
+}
+
+/// Runs the coordinator until SIGINT or SIGTERM.
+pub fn serve(args: &ServeArgs) -> Result<(), RemoteError> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.init();
+    }
+    runtime()?.block_on(async {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        };
+        hitless_coordinator::server::serve(args.listen, &args.data_dir, |addr| println!("listening on {addr}"), shutdown)
+            .await
+            .map_err(|e| RemoteError::Failed(e.into()))
+    })
+}
+
+/// `drain` or `undrain`; fails (exit 1) unless every live agent acknowledged in time.
+pub fn drain(url: &str, args: &DrainArgs, undrain: bool) -> Result<(), RemoteError> {
+    runtime()?.block_on(async {
+        let mut client = CoordinatorClient::new(channel(url).await?);
+        let req = pb::DrainRequest {
+            key: Some(pb::InstanceKey { service: args.service.clone(), address: args.address.clone() }),
+            timeout_ms: args.timeout.as_millis(),
+        };
+        let resp = if undrain { client.undrain(req).await } else { client.drain(req).await };
+        let r = resp.map_err(status_error)?.into_inner();
+        let verb = if undrain { "undrain" } else { "drain" };
+        if args.output == "json" {
+            let nodes: Vec<serde_json::Value> = r
+                .nodes
+                .iter()
+                .map(|n| {
+                    serde_json::json!({ "node": n.node, "acked": n.acked, "connected": n.connected, "latency_us": n.latency_us })
+                })
+                .collect();
+            let v = serde_json::json!({ "revision": r.revision, "complete": r.complete, "nodes": nodes });
+            println!("{v}");
+        } else {
+            println!("{verb} {} {}: revision {}", args.service, args.address, r.revision);
+            println!("{:<24} {:<10} {:>12}", "NODE", "ACK", "LATENCY");
+            for n in &r.nodes {
+                let ack = match (n.acked, n.connected) {
+                    (true, _) => "yes",
+                    (false, true) => "TIMEOUT",
+                    (false, false) => "LOST",
+                };
+                let latency = if n.acked { format!("{:.2}ms", n.latency_us as f64 / 1000.0) } else { "-".into() };
+                println!("{:<24} {:<10} {:>12}", n.node, ack, latency);
+            }
+            if r.nodes.iter().any(|n| !n.connected) {
+                println!("LOST: the agent is disconnected; its node keeps steering with its last state and gets the {verb} when it reconnects");
+            }
+        }
+        if r.complete {
+            Ok(())
+        } else {
+            let late: Vec<&str> = r.nodes.iter().filter(|n| n.connected && !n.acked).map(|n| n.node.as_str()).collect();
+            Err(RemoteError::Failed(anyhow::anyhow!(
+                "{verb} not acknowledged within {} by: {}",
+                args.timeout,
+                late.join(", ")
+            )))
+        }
+    })
+}
+
+/// `status`: the registry revision and every node's agent.
+pub fn status(url: &str, args: &StatusArgs) -> Result<(), RemoteError> {
+    runtime()?.block_on(async {
+        let mut client = CoordinatorClient::new(channel(url).await?);
+        let r = client.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner();
+        if args.output == "json" {
+            let nodes: Vec<serde_json::Value> = r
+                .nodes
+                .iter()
+                .map(|n| {
+                    serde_json::json!({
+                        "node": n.node, "connected": n.connected, "applied_revision": n.applied_revision,
+                        "lag": n.lag, "last_contact_ms_ago": n.last_contact_ms_ago,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({ "revision": r.revision, "nodes": nodes }));
+        } else {
+            println!("registry revision {}", r.revision);
+            println!("{:<24} {:<12} {:>10} {:>6} {:>14}", "NODE", "AGENT", "APPLIED", "LAG", "LAST CONTACT");
+            for n in &r.nodes {
+                let agent = if n.connected { "connected" } else { "LOST" };
+                println!(
+                    "{:<24} {:<12} {:>10} {:>6} {:>12}ms",
+                    n.node, agent, n.applied_revision, n.lag, n.last_contact_ms_ago
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `registry apply|list|register|deregister`.
+pub fn registry(url: &str, cmd: &RegistryCommand) -> Result<(), RemoteError> {
+    // Read and check the file before dialling: bad input is exit 2 even with no coordinator.
+    let yaml = match cmd {
+        RegistryCommand::Apply { file } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| RemoteError::BadInput(format!("{}: cannot read the file: {e}", file.display())))?;
+            if let Err(e) = hitless_model::registry::Registry::parse(&text) {
+                let lines: Vec<String> = e.problems().iter().map(|p| format!("{}: {p}", file.display())).collect();
+                return Err(RemoteError::BadInput(lines.join("\n")));
+            }
+            Some(text)
+        }
+        _ => None,
+    };
+    runtime()?.block_on(async {
+        let mut client = RegistryClient::new(channel(url).await?);
+        match cmd {
+            RegistryCommand::Apply { .. } => {
+                let registry_yaml = yaml.unwrap_or_default();
+                let r = client.apply(pb::ApplyRequest { registry_yaml }).await.map_err(status_error)?.into_inner();
+                println!("applied: registry revision {}", r.revision);
+            }
+            RegistryCommand::List { output } => {
+                let s = client.list(pb::ListRequest {}).await.map_err(status_error)?.into_inner();
+                print_list(&s, output == "json");
+            }
+            RegistryCommand::Register { service, address, version, weight, ttl } => {
+                let instance = pb::Instance {
+                    service: service.clone(),
+                    address: address.clone(),
+                    state: pb::InstanceState::Serving as i32,
+                    weight: *weight,
+                    version: version.clone(),
+                    node: String::new(),
+                    ttl_ms: ttl.map_or(0, Duration::as_millis),
+                };
+                let r = client
+                    .register(pb::RegisterRequest { instance: Some(instance) })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                println!("registered {service} {address}: registry revision {}", r.revision);
+            }
+            RegistryCommand::Deregister { service, address } => {
+                let key = pb::InstanceKey { service: service.clone(), address: address.clone() };
+                let r = client
+                    .deregister(pb::DeregisterRequest { key: Some(key) })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                println!("deregistered {service} {address}: registry revision {}", r.revision);
+            }
+        }
+        Ok(())
+    })
+}
+
+fn state_name(s: pb::InstanceState) -> &'static str {
+    match s {
+        pb::InstanceState::Serving => "serving",
+        pb::InstanceState::Draining => "draining",
+        pb::InstanceState::Down => "down",
+    }
+}
+
+fn print_list(s: &pb::Snapshot, json: bool) {
+    if json {
+        let services: Vec<serde_json::Value> = s
+            .services
+            .iter()
+            .map(|svc| {
+                let instances: Vec<serde_json::Value> = s
+                    .instances
+                    .iter()
+                    .filter(|i| i.service == svc.name)
+                    .map(|i| {
+                        serde_json::json!({
+                            "address": i.address, "state": state_name(i.state()), "weight": i.weight,
+                            "version": i.version, "node": i.node, "ttl_ms": i.ttl_ms,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "name": svc.name, "vips": svc.vips, "instances": instances })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "revision": s.revision, "services": services }));
+        return;
+    }
+    println!("registry revision {}", s.revision);
+    println!("{:<16} {:<24} {:<10} {:>7} {:<10} {:<12}", "SERVICE", "ADDRESS", "STATE", "WEIGHT", "VERSION", "NODE");
+    for svc in &s.services {
+        if !svc.vips.is_empty() {
+            println!("{:<16} VIPs {}", svc.name, svc.vips.join(", "));
+        }
+        for i in s.instances.iter().filter(|i| i.service == svc.name) {
+            println!(
+                "{:<16} {:<24} {:<10} {:>7} {:<10} {:<12}",
+                svc.name,
+                i.address,
+                state_name(i.state()),
+                i.weight,
+                i.version,
+                i.node
+            );
+        }
+    }
+}
