@@ -265,6 +265,7 @@ pub struct Node {
     pub dir: PathBuf,
     agent: Option<Proc>,
     extra: Vec<String>,
+    coordinator: Option<String>,
 }
 
 impl Node {
@@ -276,7 +277,13 @@ impl Node {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
         let pin_dir = PathBuf::from("/sys/fs/bpf/hitless").join(&full);
-        Self { cgroup: Cgroup::new(name), name: full, pin_dir, dir, agent: None, extra: Vec::new() }
+        Self { cgroup: Cgroup::new(name), name: full, pin_dir, dir, agent: None, extra: Vec::new(), coordinator: None }
+    }
+
+    /// Coordinator mode: the agent follows the coordinator at `url` instead of a file.
+    pub fn follow(&mut self, url: &str) -> &mut Self {
+        self.coordinator = Some(url.to_owned());
+        self
     }
 
     /// Extra agent flags for the next start.
@@ -306,11 +313,12 @@ impl Node {
     pub fn agent_command(&self) -> Command {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).expect("log");
         let mut cmd = Command::new(bin("hitless-agent"));
-        cmd.arg("--node")
-            .arg(&self.name)
-            .arg("--registry-file")
-            .arg(self.registry())
-            .arg("--cgroup")
+        cmd.arg("--node").arg(&self.name);
+        match &self.coordinator {
+            Some(url) => cmd.arg("--coordinator").arg(url),
+            None => cmd.arg("--registry-file").arg(self.registry()),
+        };
+        cmd.arg("--cgroup")
             .arg(self.cgroup.path())
             .arg("--pin-dir")
             .arg(&self.pin_dir)
@@ -321,12 +329,17 @@ impl Node {
         cmd
     }
 
-    /// Starts the agent and waits until it has applied a revision after `after`.
+    /// Starts the agent and, in static mode, waits until it has applied the file.
     pub fn start_agent(&mut self) -> u64 {
         let before = self.revision();
+        self.spawn_agent();
+        self.wait_revision(before + 1)
+    }
+
+    /// Starts the agent without waiting.
+    pub fn spawn_agent(&mut self) {
         let child = self.agent_command().spawn().expect("spawn agent");
         self.agent = Some(Proc::new(child));
-        self.wait_revision(before + 1)
     }
 
     /// SIGKILLs the agent; the pinned datapath stays.
@@ -383,4 +396,104 @@ impl Drop for Node {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A `hitless coordinator` process on a fixed address, killed on drop.
+pub struct Coordinator {
+    /// `http://ADDR`.
+    pub url: String,
+    listen: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Coordinator {
+    /// Starts a coordinator on `listen` (e.g. `127.130.1.1:7070`) with a fresh data dir.
+    pub fn start(name: &str, listen: &str) -> Self {
+        let data_dir = std::env::temp_dir().join(format!("hitless-coord-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut c = Self { url: format!("http://{listen}"), listen: listen.to_owned(), data_dir, proc: None };
+        c.restart();
+        c
+    }
+
+    /// Starts it again on the same address and data dir (after [`Coordinator::kill`]).
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(std::env::temp_dir().join(format!("{}.log", self.data_dir.display())))
+            .expect("log");
+        let mut cmd = Command::new(bin("hitless"));
+        cmd.args(["coordinator", "--listen", &self.listen, "--data-dir"]).arg(&self.data_dir).stderr(log);
+        self.proc = Some(spawn_line(cmd, "listening on"));
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Runs `hitless --coordinator URL <args>`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("hitless")).arg("--coordinator").arg(&self.url).args(args).output().expect("run hitless")
+    }
+
+    /// Runs the CLI and parses its `-o json` output; panics on failure.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "hitless {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("hitless {args:?} printed {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// The registry revision.
+    pub fn revision(&self) -> u64 {
+        self.json(&["status", "-o", "json"])["revision"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until `n` agents are connected and hold the registry revision.
+    pub fn wait_synced(&self, n: usize) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let s = self.json(&["status", "-o", "json"]);
+            let rev = s["revision"].as_u64().unwrap_or(0);
+            let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+            let synced = nodes
+                .iter()
+                .filter(|n| n["connected"].as_bool() == Some(true) && n["applied_revision"].as_u64() == Some(rev))
+                .count();
+            if synced >= n {
+                return rev;
+            }
+            assert!(Instant::now() < deadline, "agents never synced: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{}.log", self.data_dir.display())));
+    }
+}
+
+/// Spawns a command and waits for a stdout line starting with `prefix`.
+pub fn spawn_line(mut cmd: Command, prefix: &str) -> Proc {
+    let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn().expect("spawn");
+    let out = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).expect("read");
+    assert!(line.starts_with(prefix), "expected a line starting with {prefix:?}, got {line:?} from {cmd:?}");
+    Proc::new(child)
 }

@@ -21,18 +21,27 @@ pub struct AgentLinkApi {
 }
 
 fn valid_node(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 63 && n.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
 }
 
 #[tonic::async_trait]
 impl agent_link_server::AgentLink for AgentLinkApi {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
 
-    async fn session(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await?.and_then(|m| m.msg) {
             Some(agent_message::Msg::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("hello: the first message of a session must be hello { node, applied_revision }")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "hello: the first message of a session must be hello { node, applied_revision }",
+                ))
+            }
         };
         if !valid_node(&hello.node) {
             return Err(Status::invalid_argument(format!(

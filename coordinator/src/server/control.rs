@@ -44,12 +44,21 @@ impl ControlApi {
         let revision = self.shared.mutate(|s| s.set_state(&key, state))?;
         let deadline = decided + timeout;
 
+        // Acks that already arrived (agents are fast): keep their exact times.
+        let mut early: BTreeMap<String, Instant> = BTreeMap::new();
+        while let Ok(ev) = acks.try_recv() {
+            if ev.revision >= revision {
+                early.entry(ev.node).or_insert(ev.at);
+            }
+        }
         let mut result: BTreeMap<String, pb::NodeAck> = BTreeMap::new();
         let mut pending = Vec::new();
         for (name, n) in self.shared.nodes() {
             let ack = pb::NodeAck { node: name.clone(), acked: false, latency_us: 0, connected: n.connected };
             if n.connected && n.applied >= revision {
-                result.insert(name, pb::NodeAck { acked: true, ..ack });
+                // No event: it held the revision before (the change was a no-op).
+                let latency = early.get(&name).map_or(0, |at| at.saturating_duration_since(decided).as_micros() as u64);
+                result.insert(name, pb::NodeAck { acked: true, latency_us: latency, ..ack });
             } else {
                 if n.connected {
                     pending.push(name.clone());

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hitless_proto::v1::{agent_link_server::AgentLinkServer, coordinator_server::CoordinatorServer, registry_server::RegistryServer};
+use hitless_proto::v1::{
+    agent_link_server::AgentLinkServer, coordinator_server::CoordinatorServer, registry_server::RegistryServer,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
@@ -76,22 +78,56 @@ pub async fn serve(
     health.set_serving::<RegistryServer<registry_api::RegistryApi>>().await;
     health.set_serving::<AgentLinkServer<agent_link::AgentLinkApi>>().await;
     health.set_serving::<CoordinatorServer<control::ControlApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(hitless_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hitless_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1 and the older v1alpha: grpcurl and other tools still ask for either.
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     info!(%bound, "coordinator listening");
     ready(bound);
-    tonic::transport::Server::builder()
+    // Agent sessions never end by themselves, so a graceful shutdown would wait
+    // forever: stop accepting, give requests in flight a moment, then return. Every
+    // change was already committed to the store, so nothing is lost.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stopped = stop_rx.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let grace = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let server = tonic::transport::Server::builder()
         // Notice an agent that vanished without closing its connection.
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(RegistryServer::new(registry_api::RegistryApi { shared: shared.clone() }).max_decoding_message_size(MAX_MESSAGE))
-        .add_service(AgentLinkServer::new(agent_link::AgentLinkApi { shared: shared.clone() }).max_decoding_message_size(MAX_MESSAGE))
-        .add_service(CoordinatorServer::new(control::ControlApi { shared: Arc::clone(&shared) }).max_decoding_message_size(MAX_MESSAGE))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            RegistryServer::new(registry_api::RegistryApi { shared: shared.clone() })
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            AgentLinkServer::new(agent_link::AgentLinkApi { shared: shared.clone() })
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            CoordinatorServer::new(control::ControlApi { shared: Arc::clone(&shared) })
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    tokio::select! {
+        r = server => r?,
+        () = grace => info!("shutdown: closed the remaining agent sessions"),
+    }
+    drop(stop_rx);
     Ok(())
 }
+
+/// How long requests in flight get after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);

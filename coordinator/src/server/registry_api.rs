@@ -24,20 +24,27 @@ pub struct RegistryApi {
 fn key(k: Option<&pb::InstanceKey>, at: &str) -> Result<Key, Status> {
     let k = k.ok_or_else(|| Status::invalid_argument(format!("{at}: missing; give {{ service, address }}")))?;
     validate_key(&k.service, &k.address, at)?;
-    let address = k.address.parse::<std::net::SocketAddr>().map(|a| a.to_string()).unwrap_or_else(|_| k.address.clone());
+    let address =
+        k.address.parse::<std::net::SocketAddr>().map(|a| a.to_string()).unwrap_or_else(|_| k.address.clone());
     Ok((k.service.clone(), address))
 }
 
 #[tonic::async_trait]
 impl registry_server::Registry for RegistryApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        let i = req.into_inner().instance.ok_or_else(|| Status::invalid_argument("instance: missing; give the instance to register"))?;
+        let i = req
+            .into_inner()
+            .instance
+            .ok_or_else(|| Status::invalid_argument("instance: missing; give the instance to register"))?;
         let i = validate_instance(&i, "instance")?;
         let revision = self.shared.mutate(|s| s.register(&i))?;
         Ok(Response::new(pb::RegisterResponse { revision }))
     }
 
-    async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
+    async fn deregister(
+        &self,
+        req: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let k = key(req.get_ref().key.as_ref(), "key")?;
         let revision = self.shared.mutate(|s| s.deregister(&k))?;
         Ok(Response::new(pb::DeregisterResponse { revision }))

@@ -208,10 +208,8 @@ impl Shared {
             *n += 1;
             *n
         };
-        lock(&self.nodes).insert(
-            node.to_owned(),
-            NodeInfo { session: id, connected: true, applied, last_contact: Instant::now() },
-        );
+        lock(&self.nodes)
+            .insert(node.to_owned(), NodeInfo { session: id, connected: true, applied, last_contact: Instant::now() });
         info!(%node, applied, session = id, "agent connected");
         id
     }
