@@ -35,7 +35,9 @@ pub enum RegistryError {
         fix: String,
     },
     /// The instance is not registered.
-    #[error("instance {address} of service {service} is not registered; register it first (hitless registry register)")]
+    #[error(
+        "instance {address} of service {service} is not registered; register it first (hitless registry register)"
+    )]
     NotFound {
         /// Service.
         service: String,
@@ -195,7 +197,9 @@ impl RegistryState {
     /// `register`: adds or replaces one instance; its service is created (no VIPs) when new.
     pub fn register(&self, i: &pb::Instance) -> Result<Changes, RegistryError> {
         let i = validate_instance(i, "instance")?;
-        if self.instances.len() >= MAX_INSTANCES && !self.instances.contains_key(&(i.service.clone(), i.address.clone())) {
+        if self.instances.len() >= MAX_INSTANCES
+            && !self.instances.contains_key(&(i.service.clone(), i.address.clone()))
+        {
             return Err(invalid(
                 "instance",
                 format!("the registry holds {MAX_INSTANCES} instances already"),
@@ -253,10 +257,18 @@ fn state_pb(s: BackendState) -> pb::InstanceState {
 pub fn validate_instance(i: &pb::Instance, at: &str) -> Result<pb::Instance, RegistryError> {
     validate_key(&i.service, &i.address, at)?;
     if pb::InstanceState::try_from(i.state).is_err() {
-        return Err(invalid(format!("{at}.state"), format!("unknown state {}", i.state), "use SERVING, DRAINING or DOWN"));
+        return Err(invalid(
+            format!("{at}.state"),
+            format!("unknown state {}", i.state),
+            "use SERVING, DRAINING or DOWN",
+        ));
     }
     if i.weight > MAX_WEIGHT {
-        return Err(invalid(format!("{at}.weight"), format!("weight {} is out of range", i.weight), format!("use 0 to {MAX_WEIGHT}")));
+        return Err(invalid(
+            format!("{at}.weight"),
+            format!("weight {} is out of range", i.weight),
+            format!("use 0 to {MAX_WEIGHT}"),
+        ));
     }
     if i.version.len() > 128 {
         return Err(invalid(format!("{at}.version"), "is longer than 128 bytes", "use a short version label"));
@@ -330,7 +342,9 @@ mod tests {
     #[test]
     fn apply_then_register_then_drain_bump_the_revision_once_each() {
         let mut r = RegistryState::default();
-        let reg = file("services:\n  - name: cart\n    vips: [\"127.77.0.1:80\"]\n    backends: [{ address: \"127.0.1.1:80\" }]\n");
+        let reg = file(
+            "services:\n  - name: cart\n    vips: [\"127.77.0.1:80\"]\n    backends: [{ address: \"127.0.1.1:80\" }]\n",
+        );
         let c = r.apply(&reg);
         assert_eq!(r.commit(&c), 1);
         assert!(r.apply(&reg).is_empty(), "applying the same file again changes nothing");
