@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use hitless_model::{Cluster, InstanceState, ServiceState};
 
 use crate::strategy::{Gate, GateSpec, Order, Strategy, Transition};
-use crate::target::Target;
+use crate::target::{Target, TargetService};
 
 /// A whole plan: every step from the current cluster to the target.
 #[derive(Debug, Clone, PartialEq)]
@@ -189,7 +189,16 @@ pub fn plan(current: &Cluster, target: &Target, strategy: &Strategy, gates: &[Ga
     let empty = ServiceState::default();
     for mut names in waves.into_values() {
         names.sort();
-        let mut pending: Vec<String> = names.into_iter().filter(|n| !target.is_reached(n, cur.service(n))).collect();
+        // The wave's unfinished services with their targets, taken out of the cluster once so
+        // that a step costs the same whatever the size of the cluster.
+        let mut pending: Vec<(String, Option<&TargetService>, ServiceState)> = names
+            .into_iter()
+            .filter_map(|n| {
+                let state = cur.services.remove(&n).unwrap_or_default();
+                let t = target.service(&n);
+                (state != *t.map_or(&empty, |t| &t.state)).then_some((n, t, state))
+            })
+            .collect();
         while !pending.is_empty() {
             let number = steps.len() + 1;
             if number > bound {
@@ -198,26 +207,23 @@ pub fn plan(current: &Cluster, target: &Target, strategy: &Strategy, gates: &[Ga
             let mut services = Vec::with_capacity(pending.len());
             let mut warnings = Vec::new();
             let mut gate = None;
-            for name in &pending {
-                let before = cur.service(name).unwrap_or(&empty);
-                let Some(t) = strategy.next_service(before, target.service(name)) else { continue };
-                if &t.next == before {
+            for (name, want, state) in &mut pending {
+                let Some(t) = strategy.next_service(state, *want) else { continue };
+                if t.next == *state {
                     return Err(PlanError::NoProgress {
                         strategy: strategy.name(),
                         service: name.clone(),
                         step: number,
                     });
                 }
-                let s = service_step(name, before, &t, target);
-                warnings.extend(check_promise(strategy, &s, before.total()));
+                let s = service_step(name, state, &t, want.map_or(0, TargetService::desired));
+                warnings.extend(check_promise(strategy, &s, state.total()));
                 gate = gate.or_else(|| t.gate.clone().map(|gate| StepGate { gate, source: "strategy" }));
+                *state = t.next;
                 services.push(s);
             }
-            for s in &services {
-                cur.set(&s.service, s.after.clone());
-            }
             steps.push(Step { number, resume: false, services, gate, warnings });
-            pending.retain(|n| !target.is_reached(n, cur.service(n)));
+            pending.retain(|(_, want, state)| *state != *want.map_or(&empty, |t| &t.state));
         }
     }
 
@@ -246,7 +252,7 @@ fn moves<'a>(items: impl Iterator<Item = ((&'a str, &'a str), u32)>) -> Vec<Move
         .collect()
 }
 
-fn service_step(name: &str, before: &ServiceState, t: &Transition, target: &Target) -> ServiceStep {
+fn service_step(name: &str, before: &ServiceState, t: &Transition, desired: u32) -> ServiceStep {
     let (b, a) = (placement(before), placement(&t.next));
     let starting = moves(a.iter().map(|(k, &c)| (*k, c.saturating_sub(b.get(k).copied().unwrap_or(0)))));
     let stopping = moves(b.iter().map(|(k, &c)| (*k, c.saturating_sub(a.get(k).copied().unwrap_or(0)))));
@@ -267,7 +273,6 @@ fn service_step(name: &str, before: &ServiceState, t: &Transition, target: &Targ
             (serving_before.saturating_sub(lost).min(serving_after), before.total().max(t.next.total()))
         }
     };
-    let desired = target.service(name).map_or(0, |t| t.desired());
     ServiceStep {
         service: name.to_owned(),
         order: t.order,

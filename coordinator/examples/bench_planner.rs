@@ -1,0 +1,109 @@
+//! Planner benchmark: plans v1 → v2 of 100 and of 1,000 services × 10 instances (5 nodes,
+//! `depends_on` a tree of fan-out 3) with every strategy, and prints the time ratio
+//! 1000/100 per strategy; near-linear planning keeps it at or under 12×.
+//!
+//! `cargo run --release -p hitless-coordinator --example bench_planner` (or
+//! `cargo xtask bench planner`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hitless_coordinator::planner::plan;
+use hitless_coordinator::{Strategy, Target};
+use hitless_model::{Architecture, Cluster, RunSpec, Service};
+
+const NODES: usize = 5;
+const PER_SERVICE: u32 = 10;
+const TARGET_RATIO: f64 = 12.0;
+const ROUNDS: usize = 9;
+
+fn architecture(services: usize, version: &str) -> Architecture {
+    let nodes: Vec<String> = (0..NODES).map(|n| format!("node-{n}")).collect();
+    let services = (0..services)
+        .map(|i| Service {
+            name: format!("svc-{i}"),
+            version: version.to_owned(),
+            port: 10_000 + u16::try_from(i).unwrap_or(0),
+            vips: Vec::new(),
+            run: RunSpec { command: vec!["./svc".into()], env: BTreeMap::new() },
+            health: None,
+            prestop: None,
+            drain_deadline: None,
+            config: BTreeMap::new(),
+            depends_on: if i == 0 { Vec::new() } else { vec![format!("svc-{}", (i - 1) / 3)] },
+            placement: nodes.iter().map(|n| (n.clone(), PER_SERVICE / u32::try_from(NODES).unwrap_or(1))).collect(),
+        })
+        .collect();
+    Architecture { nodes, services }
+}
+
+/// One planning problem, prepared outside the timing.
+struct Case {
+    current: Cluster,
+    target: Target,
+    best: Duration,
+    steps: usize,
+}
+
+impl Case {
+    fn new(services: usize) -> Self {
+        Self {
+            current: Cluster::from_architecture(&architecture(services, "v1")),
+            target: Target::new(&architecture(services, "v2")),
+            best: Duration::MAX,
+            steps: 0,
+        }
+    }
+
+    /// Plans once and keeps the fastest time seen.
+    fn run(&mut self, strategy: &Strategy) {
+        let start = Instant::now();
+        match plan(&self.current, &self.target, strategy, &[]) {
+            Ok(p) => {
+                self.best = self.best.min(start.elapsed());
+                self.steps = p.steps.len();
+            }
+            Err(e) => {
+                eprintln!("{strategy}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn main() {
+    // Optional sizes, e.g. `bench_planner 1000 10000`, to look at other scales.
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = match args[..] {
+        [a, b] => (a, b),
+        _ => (100, 1000),
+    };
+    println!("planner: v1 → v2, 10 instances per service on {NODES} nodes, fastest of 9 interleaved rounds");
+    println!();
+    println!("| strategy | {} services | {} services | ratio {}/{} |", sizes.0, sizes.1, sizes.1, sizes.0);
+    println!("|---|---:|---:|---:|");
+    let mut worst: f64 = 0.0;
+    for name in Strategy::NAMES {
+        let Some(Ok(strategy)) = Strategy::from_name(name).map(Strategy::validated) else { continue };
+        // Rounds interleaved, fastest of each kept: other work on the machine only slows a
+        // round down, so the minimum is the closest to the planner's own cost.
+        let (mut small, mut large) = (Case::new(sizes.0), Case::new(sizes.1));
+        for _ in 0..ROUNDS {
+            for _ in 0..10 {
+                small.run(&strategy);
+            }
+            large.run(&strategy);
+        }
+        let (small_steps, large_steps, small, large) = (small.steps, large.steps, small.best, large.best);
+        let ratio = large.as_secs_f64() / small.as_secs_f64().max(1e-9);
+        worst = worst.max(ratio);
+        println!(
+            "| {name} | {:.2} ms ({small_steps} steps) | {:.2} ms ({large_steps} steps) | {ratio:.1}× |",
+            small.as_secs_f64() * 1e3,
+            large.as_secs_f64() * 1e3,
+        );
+    }
+    println!();
+    let verdict = if worst <= TARGET_RATIO { "ok" } else { "ABOVE TARGET" };
+    println!("worst ratio {worst:.1}× (target ≤ {TARGET_RATIO}×): {verdict}");
+}
