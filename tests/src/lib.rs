@@ -484,7 +484,9 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.data_dir);
-        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{}.log", self.data_dir.display())));
+        if std::env::var_os("HITLESS_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{}.log", self.data_dir.display())));
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! - `cargo xtask ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed
 //!   `ebpf/*.bpf.o`, or check that the committed objects match their sources.
 //! - `cargo xtask demo`: build in release mode and run the local demo (as root).
-//! - `cargo xtask bench [datapath|planner|all] [-- ARGS]`: build in release mode and
+//! - `cargo xtask bench [datapath|propagation|planner|all] [-- ARGS]`: build in release mode and
 //!   run the benchmarks; each prints ratios against a baseline measured in the same run.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")),
         Some("demo") => demo(),
         Some("bench") => bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]),
-        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask demo | cargo xtask bench [datapath|planner|all]".to_owned()),
+        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask demo | cargo xtask bench [datapath|propagation|planner|all]".to_owned()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,7 +94,10 @@ fn ebpf(check: bool) -> Result<(), String> {
     if stale.is_empty() {
         Ok(())
     } else {
-        Err(format!("committed objects differ from their sources: {}; run `cargo xtask ebpf` and commit", stale.join(", ")))
+        Err(format!(
+            "committed objects differ from their sources: {}; run `cargo xtask ebpf` and commit",
+            stale.join(", ")
+        ))
     }
 }
 
@@ -114,22 +117,35 @@ fn run(mut c: Command, what: &str) -> Result<(), String> {
 }
 
 fn bench(which: &str, rest: &[String]) -> Result<(), String> {
-    let known = ["datapath", "planner", "all"];
+    let known = ["datapath", "propagation", "planner", "all"];
     if !known.contains(&which) {
         return Err(format!("unknown benchmark {which:?}; one of {}", known.join(", ")));
     }
     if which == "planner" || which == "all" {
         let mut c = cargo();
-        c.args(["run", "--quiet", "--release", "-p", "hitless-coordinator", "--example", "bench_planner", "--"]).args(rest);
+        c.args(["run", "--quiet", "--release", "-p", "hitless-coordinator", "--example", "bench_planner", "--"])
+            .args(rest);
         run(c, "the planner benchmark")?;
     }
-    if which == "datapath" || which == "all" {
-        let mut c = cargo();
-        c.args(["build", "--quiet", "--release", "-p", "hitless-agent", "-p", "hitless-tests"]);
-        run(c, "building the datapath benchmark")?;
-        let mut c = Command::new(root().join("target/release/hitless-bench"));
-        c.arg("datapath").args(rest);
-        run(c, "the datapath benchmark (needs root)")?;
+    for kernel in ["datapath", "propagation"] {
+        if which == kernel || which == "all" {
+            let mut c = cargo();
+            c.args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "hitless-agent",
+                "-p",
+                "hitless-coordinator",
+                "-p",
+                "hitless-tests",
+            ]);
+            run(c, "building the benchmarks")?;
+            let mut c = Command::new(root().join("target/release/hitless-bench"));
+            c.arg(kernel).args(rest);
+            run(c, &format!("the {kernel} benchmark (needs root)"))?;
+        }
     }
     Ok(())
 }

@@ -118,6 +118,7 @@ impl ControlApi {
             acked = nodes.iter().filter(|n| n.acked).count(),
             lost = nodes.iter().filter(|n| !n.connected).count(),
             complete,
+            micros = decided.elapsed().as_micros() as u64,
             "barrier"
         );
         Ok(pb::DrainResponse { revision, nodes, complete })

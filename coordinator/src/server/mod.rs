@@ -16,7 +16,7 @@ use hitless_proto::v1::{
     agent_link_server::AgentLinkServer, coordinator_server::CoordinatorServer, registry_server::RegistryServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 pub use control::DEFAULT_DRAIN_TIMEOUT;
@@ -120,7 +120,9 @@ pub async fn serve(
             CoordinatorServer::new(control::ControlApi { shared: Arc::clone(&shared) })
                 .max_decoding_message_size(MAX_MESSAGE),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        // Replies are small and latency-bound (drain barriers, deltas): no Nagle delay.
+        // (With our own listener, tonic does not set it: the incoming stream must.)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
     tokio::select! {
         r = server => r?,
         () = grace => info!("shutdown: closed the remaining agent sessions"),
