@@ -10,6 +10,7 @@
 pub mod abi;
 pub mod cgroup;
 pub mod desired;
+pub mod driver;
 pub mod link;
 pub mod loader;
 pub mod static_mode;
