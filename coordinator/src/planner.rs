@@ -78,10 +78,16 @@ pub struct ServiceStep {
     pub peak: u32,
     /// Instances over the desired count at the peak (the step's extra cost).
     pub extra: u32,
-    /// Share of new connections per version after the step, in percent.
-    pub traffic: BTreeMap<String, f64>,
     /// The service's instances after the step.
     pub after: ServiceState,
+}
+
+impl ServiceStep {
+    /// Share of new connections per version after the step, in percent (derived from the
+    /// instances' weights, so the plan does not store it).
+    pub fn traffic(&self) -> BTreeMap<String, f64> {
+        self.after.shares()
+    }
 }
 
 /// A capacity problem in a step.
@@ -157,48 +163,66 @@ pub fn step_bound(current: &Cluster, target: &Target, strategy: &Strategy) -> us
         _ => 0,
     };
     let mut bound = 1usize;
-    let names = current.services.keys().chain(target.services().keys().filter(|n| current.service(n).is_none()));
-    for name in names {
-        let now = current.service(name).map_or(0, ServiceState::total);
-        let want = target.service(name).map_or(0, |t| t.desired());
+    for (_, now, want) in union(current, target) {
+        let now = now.map_or(0, ServiceState::total);
+        let want = want.map_or(0, TargetService::desired);
         let moves = usize::try_from(u64::from(now) + u64::from(want)).unwrap_or(usize::MAX);
         bound = bound.saturating_add(moves.saturating_mul(2)).saturating_add(shares).saturating_add(4);
     }
     bound
 }
 
+/// Every service of `current` or `target`, by name, with its state and its target: one
+/// merge of two sorted maps, no lookups, so planning stays linear in the number of services.
+fn union<'a>(
+    current: &'a Cluster,
+    target: &'a Target,
+) -> impl Iterator<Item = (&'a str, Option<&'a ServiceState>, Option<&'a TargetService>)> {
+    let mut cur = current.services.iter().peekable();
+    let mut tgt = target.services().iter().peekable();
+    std::iter::from_fn(move || match (cur.peek(), tgt.peek()) {
+        (Some((c, _)), Some((t, _))) if c == t => {
+            let ((name, state), (_, want)) = (cur.next()?, tgt.next()?);
+            Some((name.as_str(), Some(state), Some(want)))
+        }
+        (Some((c, _)), Some((t, _))) if c > t => tgt.next().map(|(name, want)| (name.as_str(), None, Some(want))),
+        (Some(_), _) => cur.next().map(|(name, state)| (name.as_str(), Some(state), None)),
+        (None, _) => tgt.next().map(|(name, want)| (name.as_str(), None, Some(want))),
+    })
+}
+
 /// Plans from `current` (any state, even mid-step) to `target` with `strategy`, putting the
 /// operator's `gates` on their steps.
 pub fn plan(current: &Cluster, target: &Target, strategy: &Strategy, gates: &[GateSpec]) -> Result<Plan, PlanError> {
     let bound = step_bound(current, target, strategy);
-    let mut cur = current.clone();
     let mut steps = Vec::new();
 
-    if let Some(settle) = (!cur.is_settled()).then(|| strategy.next(&cur, target)).flatten() {
-        let services =
-            settle.services.iter().map(|(name, t)| resume_step(name, cur.service(name), t, target)).collect();
-        steps.push(Step { number: 1, resume: true, services, gate: None, warnings: Vec::new() });
-        cur = settle.apply(&cur);
-    }
+    let settled;
+    let cur = match (!current.is_settled()).then(|| strategy.next(current, target)).flatten() {
+        Some(settle) => {
+            let services =
+                settle.services.iter().map(|(name, t)| resume_step(name, current.service(name), t, target)).collect();
+            steps.push(Step { number: 1, resume: true, services, gate: None, warnings: Vec::new() });
+            settled = settle.apply(current);
+            &settled
+        }
+        None => current,
+    };
 
-    // The same order as `Strategy::next`: wave by wave, services by name within a wave.
-    let mut waves: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for name in cur.services.keys().chain(target.services().keys().filter(|n| cur.service(n).is_none())) {
-        waves.entry(target.wave(name)).or_default().push(name.clone());
-    }
+    // The same order as `Strategy::next`: wave by wave, services by name within a wave. Each
+    // wave holds its unfinished services with their targets and a working copy of their state.
     let empty = ServiceState::default();
-    for mut names in waves.into_values() {
-        names.sort();
-        // The wave's unfinished services with their targets, taken out of the cluster once so
-        // that a step costs the same whatever the size of the cluster.
-        let mut pending: Vec<(String, Option<&TargetService>, ServiceState)> = names
-            .into_iter()
-            .filter_map(|n| {
-                let state = cur.services.remove(&n).unwrap_or_default();
-                let t = target.service(&n);
-                (state != *t.map_or(&empty, |t| &t.state)).then_some((n, t, state))
-            })
-            .collect();
+    let mut waves: Vec<Vec<(&str, Option<&TargetService>, ServiceState)>> = vec![Vec::new(); target.waves() + 1];
+    for (name, state, want) in union(cur, target) {
+        let state = state.unwrap_or(&empty);
+        if state != want.map_or(&empty, |t| &t.state) {
+            let wave = want.map_or(target.waves(), |t| t.wave);
+            if let Some(w) = waves.get_mut(wave) {
+                w.push((name, want, state.clone()));
+            }
+        }
+    }
+    for mut pending in waves {
         while !pending.is_empty() {
             let number = steps.len() + 1;
             if number > bound {
@@ -212,7 +236,7 @@ pub fn plan(current: &Cluster, target: &Target, strategy: &Strategy, gates: &[Ga
                 if t.next == *state {
                     return Err(PlanError::NoProgress {
                         strategy: strategy.name(),
-                        service: name.clone(),
+                        service: (*name).to_owned(),
                         step: number,
                     });
                 }
@@ -284,7 +308,6 @@ fn service_step(name: &str, before: &ServiceState, t: &Transition, desired: u32)
         serving_after,
         peak,
         extra: peak.saturating_sub(desired),
-        traffic: t.next.shares(),
         after: t.next.clone(),
     }
 }
@@ -314,7 +337,6 @@ fn resume_step(name: &str, before: Option<&ServiceState>, t: &Transition, target
         serving_after,
         peak: before.total(),
         extra: before.total().saturating_sub(desired),
-        traffic: t.next.shares(),
         after: t.next.clone(),
     }
 }

@@ -64,6 +64,11 @@ impl Target {
         &self.services
     }
 
+    /// How many waves the target's services form; services the target drops come after them.
+    pub fn waves(&self) -> usize {
+        self.waves
+    }
+
     /// The update wave of `service`; services the target drops go last, after every wave.
     pub fn wave(&self, service: &str) -> usize {
         self.services.get(service).map_or(self.waves, |t| t.wave)

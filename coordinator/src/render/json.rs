@@ -43,7 +43,7 @@ pub fn json(plan: &Plan) -> Value {
                         },
                         "peak": s.peak,
                         "extra": s.extra,
-                        "traffic": s.traffic.iter()
+                        "traffic": s.traffic().iter()
                             .map(|(v, p)| j!({ "version": v, "percent": super::round1(*p) }))
                             .collect::<Vec<_>>(),
                         "after": s.after.groups(),

@@ -82,7 +82,7 @@ fn row(number: String, s: &ServiceStep) -> [String; 7] {
         format!("{}{order}", super::moves('-', &s.stopping)),
         format!("{}→{}→{} of {}", s.serving_before, s.serving_min, s.serving_after, s.desired),
         format!("+{}", s.extra),
-        super::traffic(&s.traffic),
+        super::traffic(&s.traffic()),
     ]
 }
 

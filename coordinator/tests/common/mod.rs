@@ -31,7 +31,7 @@ pub fn summary(plan: &Plan) -> Vec<String> {
                 v.iter().map(|m| format!("{sign}{}{}@{}", m.count, m.version, m.node)).collect::<Vec<_>>().join(" ")
             };
             let traffic: Vec<String> =
-                s.traffic.iter().map(|(v, p)| format!("{v}:{}", (p * 10.0).round() / 10.0)).collect();
+                s.traffic().iter().map(|(v, p)| format!("{v}:{}", (p * 10.0).round() / 10.0)).collect();
             out.push(format!(
                 "{} {} | {} | {}→{}→{} | +{} | {}",
                 step.number,
