@@ -207,7 +207,16 @@ proptest! {
                     }
                     Strat::Canary => prop_assert!(s.serving_min >= d.saturating_sub(1).min(s.serving_before)),
                     Strat::Mixed => prop_assert!(s.peak <= (d + 1).max(before.total())),
-                    Strat::BlueGreen | Strat::Gray { .. } | Strat::Weighted { .. } => {
+                    Strat::BlueGreen => {
+                        // Until the switch (old versions still take traffic), nothing old leaves.
+                        let version = target.service(&s.service).map(|t| t.version.as_str());
+                        let old_serving = s.after.groups().iter().any(|g| Some(g.version.as_str()) != version && g.takes_traffic());
+                        if old_serving {
+                            prop_assert!(s.serving_min >= s.serving_before, "blue-green before the switch: {:?}", s);
+                        }
+                        prop_assert!(s.serving_min >= d.min(s.serving_before), "blue-green floor: {:?}", s);
+                    }
+                    Strat::Gray { .. } | Strat::Weighted { .. } => {
                         prop_assert!(s.serving_min >= d.min(s.serving_before), "{} floor: {:?}", strategy.name(), s);
                     }
                     Strat::Straight => {}
