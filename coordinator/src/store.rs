@@ -16,6 +16,8 @@ use crate::registry::{Changes, RegistryState};
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+/// Other durable records (the rollout), by name.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,7 @@ impl Store {
             tx.open_table(META)?;
             tx.open_table(SERVICES)?;
             tx.open_table(INSTANCES)?;
+            tx.open_table(RECORDS)?;
             tx.commit()?;
             Ok(db)
         })()
@@ -146,6 +149,30 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Stores a named record durably (fsync before returning).
+    pub fn put_record(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let write = || -> Result<(), redb::Error> {
+            let tx = self.db.begin_write()?;
+            tx.open_table(RECORDS)?.insert(name, bytes)?;
+            tx.commit()?;
+            Ok(())
+        };
+        write().map_err(self.db_err())
+    }
+
+    /// A named record, if stored.
+    pub fn record(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let read = || -> Result<Option<Vec<u8>>, redb::Error> {
+            let tx = self.db.begin_read()?;
+            let t = tx.open_table(RECORDS)?;
+            let v = t.get(name)?.map(|v| v.value().to_vec());
+            Ok(v)
+        };
+        read().map_err(self.db_err())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +197,11 @@ mod tests {
         let loaded = Store::open(&dir).unwrap().load().unwrap();
         assert_eq!(loaded, state);
         assert_eq!(loaded.revision(), 3);
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.record("rollout").unwrap(), None);
+        store.put_record("rollout", b"{}").unwrap();
+        drop(store);
+        assert_eq!(Store::open(&dir).unwrap().record("rollout").unwrap().as_deref(), Some(&b"{}"[..]));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
