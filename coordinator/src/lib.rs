@@ -3,6 +3,7 @@
 //! store, and the gRPC server agents and the CLI talk to. The `hitless` binary is the
 //! command line over it.
 
+pub mod engine;
 pub mod planner;
 pub mod registry;
 pub mod render;
