@@ -1,0 +1,214 @@
+//! The stop sequence of one instance: pre-stop hook, drain, SIGTERM, grace, SIGKILL,
+//! cleanup. Every wait polls its condition every 10 ms and ends as soon as it holds.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hitless_model::PreStop;
+use tokio::time::{sleep, Instant};
+use tracing::{info, warn};
+
+use super::{health, process, substitute, Driver, DriverError, Record};
+
+const POLL: Duration = Duration::from_millis(10);
+/// Longest wait for a cgroup to empty after `cgroup.kill`.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Why the drain phase of a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// The instance's open connections reached 0.
+    Connections,
+    /// The drain deadline passed with connections still open.
+    Deadline,
+    /// The instance had no process left (it had crashed, or exited during the drain).
+    Exited,
+}
+
+impl fmt::Display for DrainEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Connections => "connections",
+            Self::Deadline => "deadline",
+            Self::Exited => "exited",
+        })
+    }
+}
+
+/// How a stop went, phase by phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopReport {
+    /// The instance.
+    pub id: String,
+    /// Time in the pre-stop hook (zero without one).
+    pub prestop: Duration,
+    /// Why the hook failed, if it did (the stop goes on regardless).
+    pub prestop_error: Option<String>,
+    /// Time waiting for open connections to finish.
+    pub drain: Duration,
+    /// Why the drain ended.
+    pub drain_end: DrainEnd,
+    /// Open connections when the drain ended.
+    pub active_at_end: i64,
+    /// Time from SIGTERM until the cgroup emptied or the grace ran out.
+    pub term: Duration,
+    /// Whether SIGKILL was needed.
+    pub killed: bool,
+    /// Time from SIGKILL until the cgroup emptied (zero without SIGKILL).
+    pub kill: Duration,
+    /// The whole stop.
+    pub total: Duration,
+}
+
+impl Driver {
+    /// Stops an instance, once the caller has made its drain effective on every node:
+    /// pre-stop hook (HTTP GET or exec argv, bounded by the drain deadline) → wait until
+    /// `active()` (the kernel's count of the instance's open connections) is 0 or the
+    /// drain deadline, counted from the start of the stop, passes → SIGTERM to every
+    /// process of its cgroup → wait up to `grace` for the cgroup to empty → SIGKILL
+    /// (`cgroup.kill`) → remove the cgroup, the record and the log, and free the address.
+    /// A crashed instance is only cleaned up. On error the instance stays listed and the
+    /// stop can be retried.
+    pub async fn stop(&self, id: &str, active: impl Fn() -> i64) -> Result<StopReport, DriverError> {
+        let t0 = Instant::now();
+        let (rec, env, crashed, mut child) = {
+            let mut table = self.lock();
+            let inst = table.get_mut(id).ok_or_else(|| DriverError::UnknownInstance(id.to_string()))?;
+            if inst.stopping {
+                return Err(DriverError::Stopping(id.to_string()));
+            }
+            let crashed = self.refresh(inst).is_some();
+            inst.stopping = true;
+            (inst.rec.clone(), self.env(&inst.rec), crashed, inst.child.take())
+        };
+        let (cg, log, rel) = (self.cgroup_dir(id), self.log_path(id), self.cgroup_rel(id));
+        let (service, address) = (rec.spec.service.as_str(), rec.address);
+        let node = self.node.as_str();
+        let deadline = t0 + rec.spec.drain_deadline;
+        let populated = || process::populated(&cg).unwrap_or(true);
+
+        // Pre-stop hook.
+        let mut prestop_error = None;
+        if let (false, Some(hook)) = (crashed, &rec.spec.prestop) {
+            let limit = deadline.saturating_duration_since(Instant::now());
+            let target = SocketAddr::from((address, rec.spec.port));
+            let result = match hook {
+                PreStop::Http(path) => match health::http_get(target, path, limit).await {
+                    Ok(code) if (200..300).contains(&code) => Ok(()),
+                    Ok(code) => Err(format!("GET {path} on {target} answered {code}")),
+                    Err(e) => Err(e),
+                },
+                PreStop::Exec(argv) => {
+                    let ctx = health::ExecContext { env: &env, cgroup: &cg, log: &log };
+                    health::exec(&substitute(argv, address, rec.spec.port), &ctx, limit).await
+                }
+            };
+            if let Err(e) = &result {
+                warn!(node, service, instance = id, address = %address, phase = "prestop", error = %e, "pre-stop hook failed; stopping anyway");
+            }
+            prestop_error = result.err();
+        }
+        let t_drain = Instant::now();
+
+        // Drain: open connections reach 0, or the deadline.
+        let (drain_end, active_at_end) = loop {
+            if !populated() {
+                break (DrainEnd::Exited, 0);
+            }
+            let n = active();
+            if n <= 0 {
+                break (DrainEnd::Connections, n);
+            }
+            if Instant::now() >= deadline {
+                break (DrainEnd::Deadline, n);
+            }
+            sleep(POLL).await;
+        };
+        let t_term = Instant::now();
+        info!(node, service, instance = id, address = %address, phase = "drain", end = %drain_end, active = active_at_end, drain_ms = (t_term - t_drain).as_millis() as u64, "drain over");
+
+        // SIGTERM to every process (also those forked meanwhile), up to the grace.
+        let mut signalled = BTreeSet::new();
+        let grace_end = t_term + rec.spec.grace;
+        while populated() {
+            process::signal_all(&cg, &rel, libc::SIGTERM, &mut signalled);
+            if Instant::now() >= grace_end {
+                break;
+            }
+            sleep(POLL).await;
+        }
+        let t_kill = Instant::now();
+
+        // SIGKILL for whatever is left.
+        let killed = populated();
+        if killed {
+            warn!(node, service, instance = id, address = %address, phase = "kill", grace_ms = rec.spec.grace.as_millis() as u64, "still running after the grace; SIGKILL");
+            let kill_end = t_kill + KILL_WAIT;
+            let result = process::kill_all(&cg);
+            while result.is_ok() && populated() && Instant::now() < kill_end {
+                sleep(POLL).await;
+            }
+            let err = match result {
+                Err(source) => Some(DriverError::Cgroup { id: id.to_string(), path: cg.clone(), source }),
+                Ok(()) if populated() => {
+                    Some(DriverError::Unkillable { id: id.to_string(), path: cg.clone(), waited: KILL_WAIT })
+                }
+                Ok(()) => None,
+            };
+            if let Some(e) = err {
+                self.abandon_stop(id, child);
+                return Err(e);
+            }
+        }
+        let t_done = Instant::now();
+
+        // Reap the main process (it has exited: its cgroup is empty), then clean up.
+        if let Some(c) = child.as_mut() {
+            for _ in 0..100 {
+                if !matches!(c.try_wait(), Ok(None)) {
+                    break;
+                }
+                sleep(POLL).await;
+            }
+        }
+        if let Err(source) = process::remove_cgroup(&cg) {
+            self.abandon_stop(id, child);
+            return Err(DriverError::Cgroup { id: id.to_string(), path: cg, source });
+        }
+        let rec_path = Record::path(&self.state_dir, id);
+        match std::fs::remove_file(&rec_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                self.abandon_stop(id, child);
+                return Err(DriverError::Record { id: id.to_string(), path: rec_path, source: e });
+            }
+            _ => {}
+        }
+        let _ = std::fs::remove_file(&log);
+        self.lock().remove(id);
+
+        let report = StopReport {
+            id: id.to_string(),
+            prestop: t_drain - t0,
+            prestop_error,
+            drain: t_term - t_drain,
+            drain_end,
+            active_at_end,
+            term: t_kill - t_term,
+            killed,
+            kill: if killed { t_done - t_kill } else { Duration::ZERO },
+            total: t0.elapsed(),
+        };
+        info!(node, service, instance = id, address = %address, phase = "stopped", drain_end = %drain_end, killed, total_ms = report.total.as_millis() as u64, "instance stopped; cgroup, address and record released");
+        Ok(report)
+    }
+
+    /// A stop that failed part way: the instance stays listed, and may be stopped again.
+    fn abandon_stop(&self, id: &str, child: Option<std::process::Child>) {
+        if let Some(inst) = self.lock().get_mut(id) {
+            inst.stopping = false;
+            inst.child = child;
+        }
+    }
+}
