@@ -185,6 +185,7 @@ async fn session_inner(
         node: node.to_owned(),
         applied_revision: writer.maps().revision()?,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        instances: Vec::new(),
     };
     // The channel has room: the receiver is not even polled yet.
     let _ = tx.try_send(pb::AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) });
@@ -199,6 +200,15 @@ async fn session_inner(
                 let mut m = mirror.take().unwrap_or_default();
                 m.apply_delta(d)?;
                 m
+            }
+            Some(coordinator_message::Msg::Start(op)) => {
+                let spec = op.spec.unwrap_or_default();
+                refuse(&tx, &op.op_id, &spec.service, &spec.version, "").await;
+                continue;
+            }
+            Some(coordinator_message::Msg::Stop(op)) => {
+                refuse(&tx, &op.op_id, &op.service, "", &op.address).await;
+                continue;
             }
             None => continue,
         };
@@ -220,6 +230,20 @@ async fn session_inner(
         mirror = Some(next);
     }
     Err(LinkError::Closed)
+}
+
+/// Answers an instance operation this agent cannot carry out.
+async fn refuse(tx: &mpsc::Sender<pb::AgentMessage>, op_id: &str, service: &str, version: &str, address: &str) {
+    let report = pb::InstanceReport {
+        service: service.to_owned(),
+        version: version.to_owned(),
+        address: address.to_owned(),
+        phase: pb::InstancePhase::Failed as i32,
+        detail: "this agent runs no instances: start it with --workload-cgroup and --instance-addresses".to_owned(),
+        op_id: op_id.to_owned(),
+        id: String::new(),
+    };
+    let _ = tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Instance(report)) }).await;
 }
 
 #[cfg(test)]

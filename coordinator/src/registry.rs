@@ -231,6 +231,27 @@ impl RegistryState {
         Ok(Changes { removed_instances: vec![key.clone()], ..Changes::default() })
     }
 
+    /// Adds or updates a service's VIPs and policy, keeping its instances.
+    pub fn upsert_service(&self, svc: &pb::Service) -> Changes {
+        if self.services.get(&svc.name) == Some(svc) {
+            return Changes::default();
+        }
+        Changes { services: vec![svc.clone()], ..Changes::default() }
+    }
+
+    /// Sets an instance's weight.
+    pub fn set_weight(&self, key: &Key, weight: u32) -> Result<Changes, RegistryError> {
+        let Some(i) = self.instances.get(key) else {
+            return Err(RegistryError::NotFound { service: key.0.clone(), address: key.1.clone() });
+        };
+        if i.weight == weight {
+            return Ok(Changes::default());
+        }
+        let mut i = i.clone();
+        i.weight = weight;
+        Ok(Changes { instances: vec![i], ..Changes::default() })
+    }
+
     /// `drain` / `undrain` (or a lease that lapsed): sets an instance's state.
     pub fn set_state(&self, key: &Key, state: pb::InstanceState) -> Result<Changes, RegistryError> {
         let Some(i) = self.instances.get(key) else {

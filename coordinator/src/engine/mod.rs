@@ -1,4 +1,150 @@
 //! The rollout engine: executes a plan through the agents, step by step, and can be
-//! killed at any moment and resumed. [`decide`] is its pure core.
+//! killed at any moment and resumed. [`decide`] is its pure core, [`run`] its loop,
+//! [`record`] what it stores; the functions here are the operator's controls.
 
 pub mod decide;
+pub mod record;
+pub mod run;
+
+use hitless_model::Architecture;
+use hitless_proto::v1 as pb;
+use tonic::Status;
+
+use self::record::{Phase, Rollout, StrategyRecord};
+use crate::server::Shared;
+use crate::target::Target;
+
+/// `push`: starts a rollout to the target, or replaces the target of the one running.
+pub fn push(shared: &Shared, req: &pb::PushRequest) -> Result<pb::PushResponse, Status> {
+    let arch = Architecture::parse(&req.architecture_yaml).map_err(|e| {
+        let lines: Vec<String> = e.problems().iter().map(|p| format!("architecture_yaml: {p}")).collect();
+        Status::invalid_argument(lines.join("\n"))
+    })?;
+    let spec = req.strategy.as_ref().ok_or_else(|| Status::invalid_argument("strategy: missing; give { name }"))?;
+    let strategy = StrategyRecord::from(spec);
+    let (s, gates) = strategy.build().map_err(|p| Status::invalid_argument(p.join("\n")))?;
+    let observed = run::observe(shared);
+    let planned = crate::planner::plan(&decide::cluster(&observed), &Target::new(&arch), &s, &gates)
+        .map_err(|e| Status::invalid_argument(format!("strategy: {e}")))?;
+    let previous = shared.rollout();
+    let id = format!("r{}", shared.revision());
+    let previous_yaml = previous.as_ref().and_then(|p| p.previous_yaml.clone());
+    let mut r = Rollout {
+        id: id.clone(),
+        target_yaml: req.architecture_yaml.clone(),
+        strategy,
+        phase: Phase::Running,
+        step: 0,
+        message: String::new(),
+        previous_yaml,
+        log: previous.map(|p| p.log).unwrap_or_default(),
+    };
+    r.note(format!("push {id}: {} steps planned with {}", planned.steps.len(), spec.name));
+    shared.save_rollout(&r)?;
+    Ok(pb::PushResponse { rollout_id: id, steps: planned.steps.len() as u32 })
+}
+
+fn change(shared: &Shared, f: impl FnOnce(&mut Rollout) -> Result<(), Status>) -> Result<pb::RolloutResponse, Status> {
+    let mut r = shared.rollout().ok_or_else(|| Status::failed_precondition("no rollout: push one first"))?;
+    f(&mut r)?;
+    shared.save_rollout(&r)?;
+    Ok(pb::RolloutResponse { rollout: status(shared) })
+}
+
+/// `pause`: no new step starts until `resume`.
+pub fn pause(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
+    change(shared, |r| match r.phase {
+        Phase::Running => {
+            r.phase = Phase::Paused;
+            r.note("paused");
+            Ok(())
+        }
+        p => Err(Status::failed_precondition(format!("the rollout is {}, not running", p.as_str()))),
+    })
+}
+
+/// `resume`: continues a paused rollout.
+pub fn resume(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
+    change(shared, |r| match r.phase {
+        Phase::Paused => {
+            r.phase = Phase::Running;
+            r.note("resumed");
+            Ok(())
+        }
+        p => Err(Status::failed_precondition(format!("the rollout is {}, not paused", p.as_str()))),
+    })
+}
+
+/// `promote`: opens the approval gate.
+pub fn promote(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
+    change(shared, |r| match r.phase {
+        Phase::Waiting => {
+            r.phase = Phase::Running;
+            r.message.clear();
+            r.note("promoted");
+            Ok(())
+        }
+        p => Err(Status::failed_precondition(format!("the rollout is {}, not waiting at a gate", p.as_str()))),
+    })
+}
+
+/// `abort`: returns to the last completed architecture, the safe way (with the same
+/// strategy's care: drains before stops).
+pub fn abort(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
+    change(shared, |r| {
+        let back = r.previous_yaml.clone().ok_or_else(|| {
+            Status::failed_precondition("no completed architecture to return to; push the one you want instead")
+        })?;
+        r.target_yaml = back;
+        r.phase = Phase::Running;
+        r.message = "abort: returning to the last completed architecture".into();
+        r.note("abort");
+        Ok(())
+    })
+}
+
+/// The rollout as `status` shows it.
+pub fn status(shared: &Shared) -> Option<pb::RolloutStatus> {
+    let r = shared.rollout()?;
+    let arch = r.target().ok()?;
+    let observed = run::observe(shared);
+    let steps = r
+        .strategy
+        .build()
+        .ok()
+        .and_then(|(s, g)| crate::planner::plan(&decide::cluster(&observed), &Target::new(&arch), &s, &g).ok())
+        .map_or(0, |p| p.steps.len() as u32);
+    let services = arch
+        .services
+        .iter()
+        .map(|s| {
+            let mine = observed.iter().filter(|o| o.service == s.name);
+            let mut p = pb::ServiceProgress {
+                service: s.name.clone(),
+                version: s.version.clone(),
+                desired: s.placement.values().sum(),
+                ..Default::default()
+            };
+            for o in mine {
+                match o.state {
+                    hitless_model::InstanceState::Serving if o.version == s.version => p.new_serving += 1,
+                    hitless_model::InstanceState::Serving => p.old_serving += 1,
+                    hitless_model::InstanceState::Starting => p.starting += 1,
+                    _ => p.draining += 1,
+                }
+            }
+            p
+        })
+        .collect();
+    Some(pb::RolloutStatus {
+        id: r.id.clone(),
+        state: r.phase.as_str().to_owned(),
+        step: r.step,
+        steps: r.step + steps,
+        waiting_for: if r.phase == Phase::Waiting { r.message.clone() } else { String::new() },
+        message: r.message.clone(),
+        services,
+        strategy: r.strategy.name.clone(),
+        log: r.log.iter().rev().take(20).rev().cloned().collect(),
+    })
+}

@@ -51,7 +51,10 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         }
         let node = hello.node.clone();
         let session = self.shared.connect(&node, hello.applied_revision);
+        self.shared.set_instances(&node, hello.instances);
         let (tx, rx) = mpsc::channel(16);
+        let (ops_tx, mut ops_rx) = mpsc::channel(256);
+        self.shared.set_ops(&node, session, ops_tx);
 
         // Outbound: a snapshot first (the agent builds its mirror from it), then the
         // difference to each newer registry. Coalesces bursts: an agent always gets
@@ -72,8 +75,13 @@ impl agent_link_server::AgentLink for AgentLinkApi {
                     }
                     last = Some(now);
                 }
-                if published.changed().await.is_err() {
-                    break;
+                // Instance operations go out between registry updates, in order.
+                tokio::select! {
+                    changed = published.changed() => if changed.is_err() { break },
+                    op = ops_rx.recv() => match op {
+                        Some(op) => if tx.send(Ok(op)).await.is_err() { break },
+                        None => break,
+                    },
                 }
             }
         });
@@ -82,8 +90,10 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
-                if let Some(agent_message::Msg::Ack(a)) = m.msg {
-                    shared.ack(&node, session, a.revision);
+                match m.msg {
+                    Some(agent_message::Msg::Ack(a)) => shared.ack(&node, session, a.revision),
+                    Some(agent_message::Msg::Instance(r)) => shared.instance_report(&node, r),
+                    Some(agent_message::Msg::Hello(_)) | None => {}
                 }
             }
             shared.disconnect(&node, session);

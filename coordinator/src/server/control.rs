@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::state::Shared;
-use crate::registry::validate_key;
+use crate::registry::{validate_key, Key};
 
 /// Default wait of a drain barrier.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,15 +33,26 @@ impl ControlApi {
         let k = req.key.ok_or_else(|| Status::invalid_argument("key: missing; give { service, address }"))?;
         validate_key(&k.service, &k.address, "key")?;
         let address = k.address.parse::<std::net::SocketAddr>().map(|a| a.to_string()).unwrap_or(k.address);
-        let key = (k.service, address);
         let timeout = match req.timeout_ms {
             0 => DEFAULT_DRAIN_TIMEOUT,
             ms => Duration::from_millis(ms.min(600_000)),
         };
+        barrier(&self.shared, (k.service, address), state, timeout).await
+    }
+}
+
+/// Sets an instance's state, then waits until every live agent's maps hold it.
+pub async fn barrier(
+    shared: &Shared,
+    key: Key,
+    state: pb::InstanceState,
+    timeout: Duration,
+) -> Result<pb::DrainResponse, Status> {
+    {
         // Listen before deciding, so no ack can slip between the two.
-        let mut acks = self.shared.acks.subscribe();
+        let mut acks = shared.acks.subscribe();
         let decided = Instant::now();
-        let revision = self.shared.mutate(|s| s.set_state(&key, state))?;
+        let revision = shared.mutate(|s| s.set_state(&key, state))?;
         let deadline = decided + timeout;
 
         // Acks that already arrived (agents are fast): keep their exact times.
@@ -53,7 +64,7 @@ impl ControlApi {
         }
         let mut result: BTreeMap<String, pb::NodeAck> = BTreeMap::new();
         let mut pending = Vec::new();
-        for (name, n) in self.shared.nodes() {
+        for (name, n) in shared.nodes() {
             let ack = pb::NodeAck { node: name.clone(), acked: false, latency_us: 0, connected: n.connected };
             if n.connected && n.applied >= revision {
                 // No event: it held the revision before (the change was a no-op).
@@ -85,7 +96,7 @@ impl ControlApi {
                 Ok(Ok(_)) | Err(_) | Ok(Err(RecvError::Lagged(_))) => {
                     // Timeout tick or missed events: re-read the nodes, catching acks
                     // we missed and agents that went away while we waited.
-                    let nodes = self.shared.nodes();
+                    let nodes = shared.nodes();
                     pending.retain(|p| {
                         let Some(n) = nodes.get(p) else { return false };
                         let r = result.get_mut(p);
@@ -141,7 +152,7 @@ impl coordinator_server::Coordinator for ControlApi {
                 last_contact_ms_ago: n.last_contact.elapsed().as_millis() as u64,
             })
             .collect();
-        Ok(Response::new(pb::StatusResponse { revision, nodes }))
+        Ok(Response::new(pb::StatusResponse { revision, nodes, rollout: crate::engine::status(&self.shared) }))
     }
 
     async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
@@ -150,6 +161,26 @@ impl coordinator_server::Coordinator for ControlApi {
 
     async fn undrain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         Ok(Response::new(self.barrier(req.into_inner(), pb::InstanceState::Serving).await?))
+    }
+
+    async fn push(&self, req: Request<pb::PushRequest>) -> Result<Response<pb::PushResponse>, Status> {
+        Ok(Response::new(crate::engine::push(&self.shared, req.get_ref())?))
+    }
+
+    async fn pause(&self, _req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutResponse>, Status> {
+        Ok(Response::new(crate::engine::pause(&self.shared)?))
+    }
+
+    async fn resume(&self, _req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutResponse>, Status> {
+        Ok(Response::new(crate::engine::resume(&self.shared)?))
+    }
+
+    async fn promote(&self, _req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutResponse>, Status> {
+        Ok(Response::new(crate::engine::promote(&self.shared)?))
+    }
+
+    async fn abort(&self, _req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutResponse>, Status> {
+        Ok(Response::new(crate::engine::abort(&self.shared)?))
     }
 
     async fn pull(&self, _req: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {

@@ -2,7 +2,7 @@
 //! standard health and reflection services so grpcurl and probes work.
 
 mod agent_link;
-mod control;
+pub(crate) mod control;
 mod registry_api;
 mod state;
 
@@ -71,6 +71,8 @@ pub async fn serve(
             expiry.expire_leases();
         }
     });
+
+    tokio::spawn(crate::engine::run::run(shared.clone()));
 
     let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Bind { addr: listen, source })?;
     let bound = listener.local_addr().map_err(|source| ServeError::Bind { addr: listen, source })?;

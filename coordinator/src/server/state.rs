@@ -10,12 +10,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hitless_proto::v1 as pb;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tonic::Status;
 use tracing::{info, warn};
 
+use crate::engine::record::Rollout;
 use crate::registry::{Changes, Key, RegistryError, RegistryState};
 use crate::store::Store;
+
+/// Name of the rollout's record in the store.
+const ROLLOUT: &str = "rollout";
 
 /// An agent's acknowledgement: its maps hold `revision` since `at`.
 #[derive(Debug, Clone)]
@@ -59,6 +63,16 @@ pub struct Shared {
     pub published: watch::Sender<Arc<pb::Snapshot>>,
     /// Acknowledgements as they arrive (drain barriers listen here).
     pub acks: broadcast::Sender<AckEvent>,
+    /// Instances each node's agent runs, by address.
+    instances: Mutex<BTreeMap<String, BTreeMap<String, pb::InstanceReport>>>,
+    /// The operation channel of each node's session in force.
+    ops: Mutex<BTreeMap<String, (u64, mpsc::Sender<pb::CoordinatorMessage>)>>,
+    /// Instance reports as they arrive (the engine listens here).
+    pub reports: broadcast::Sender<(String, pb::InstanceReport)>,
+    /// The rollout, as last stored.
+    rollout: Mutex<Option<Rollout>>,
+    /// Wakes the engine: a push, pause, resume, promote or abort.
+    pub wake: Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,13 +101,84 @@ impl Shared {
             .collect();
         let (published, _) = watch::channel(Arc::new(state.snapshot()));
         let (acks, _) = broadcast::channel(4096);
+        let (reports, _) = broadcast::channel(4096);
+        let rollout = store.record(ROLLOUT).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
         Arc::new(Self {
             inner: Mutex::new(Inner { state, store, leases, lapsed: BTreeSet::new() }),
             nodes: Mutex::new(BTreeMap::new()),
             next_session: Mutex::new(0),
             published,
             acks,
+            instances: Mutex::new(BTreeMap::new()),
+            ops: Mutex::new(BTreeMap::new()),
+            reports,
+            rollout: Mutex::new(rollout),
+            wake: Notify::new(),
         })
+    }
+
+    /// The rollout as last stored.
+    pub fn rollout(&self) -> Option<Rollout> {
+        lock(&self.rollout).clone()
+    }
+
+    /// Stores the rollout durably, then makes it the one in force.
+    pub fn save_rollout(&self, r: &Rollout) -> Result<(), Status> {
+        let bytes = serde_json::to_vec(r).map_err(|e| Status::internal(format!("encoding the rollout: {e}")))?;
+        {
+            let inner = lock(&self.inner);
+            tokio::task::block_in_place(|| inner.store.put_record(ROLLOUT, &bytes))
+                .map_err(|e| Status::internal(format!("the rollout was not stored: {e}")))?;
+        }
+        *lock(&self.rollout) = Some(r.clone());
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The registry's instance at `key`.
+    pub fn instance(&self, key: &Key) -> Option<pb::Instance> {
+        lock(&self.inner).state.instance(key).cloned()
+    }
+
+    /// Replaces what `node` runs (its hello after a (re)connect).
+    pub fn set_instances(&self, node: &str, reports: Vec<pb::InstanceReport>) {
+        let map = reports.into_iter().map(|r| (r.address.clone(), r)).collect();
+        lock(&self.instances).insert(node.to_owned(), map);
+    }
+
+    /// Records an instance report of `node` and passes it on.
+    pub fn instance_report(&self, node: &str, r: pb::InstanceReport) {
+        {
+            let mut all = lock(&self.instances);
+            let map = all.entry(node.to_owned()).or_default();
+            match r.phase() {
+                pb::InstancePhase::Stopped | pb::InstancePhase::Failed | pb::InstancePhase::Crashed => {
+                    map.remove(&r.address);
+                }
+                _ => {
+                    map.insert(r.address.clone(), r.clone());
+                }
+            }
+        }
+        let _ = self.reports.send((node.to_owned(), r));
+    }
+
+    /// What every node runs.
+    pub fn running(&self) -> BTreeMap<String, BTreeMap<String, pb::InstanceReport>> {
+        lock(&self.instances).clone()
+    }
+
+    /// Sends an instance operation to `node`'s agent.
+    pub fn send_op(&self, node: &str, msg: pb::coordinator_message::Msg) -> Result<(), String> {
+        let tx = lock(&self.ops).get(node).map(|(_, tx)| tx.clone());
+        let Some(tx) = tx else { return Err(format!("node {node} has no agent connected")) };
+        tx.try_send(pb::CoordinatorMessage { msg: Some(msg) })
+            .map_err(|e| format!("node {node}: the operation could not be queued ({e})"))
+    }
+
+    /// Registers the operation channel of `session` of `node`.
+    pub fn set_ops(&self, node: &str, session: u64, tx: mpsc::Sender<pb::CoordinatorMessage>) {
+        lock(&self.ops).insert(node.to_owned(), (session, tx));
     }
 
     /// The registry revision.
@@ -228,6 +313,12 @@ impl Shared {
 
     /// Records the end of `session` of `node` (a newer session is left alone).
     pub fn disconnect(&self, node: &str, session: u64) {
+        {
+            let mut ops = lock(&self.ops);
+            if ops.get(node).is_some_and(|(s, _)| *s == session) {
+                ops.remove(node);
+            }
+        }
         if let Some(n) = lock(&self.nodes).get_mut(node) {
             if n.session == session {
                 n.connected = false;

@@ -1,0 +1,367 @@
+//! The rollout engine's loop: observe what runs, decide the next step ([`decide`]),
+//! carry it out through the agents, record it, repeat until the target runs.
+//!
+//! Every step is recorded in the store after it acts, and every operation is
+//! idempotent (an instance already started is awaited, one already draining is stopped),
+//! so a coordinator killed at any moment and restarted re-observes and carries on.
+//!
+//! [`decide`]: super::decide
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hitless_model::{Architecture, Health, InstanceState, PreStop};
+use hitless_proto::v1::{self as pb, coordinator_message::Msg};
+use tokio::sync::broadcast::error::RecvError;
+use tracing::{info, warn};
+
+use super::decide::{next_step, Observed, ServiceOps};
+use super::record::{Phase, Rollout};
+use crate::server::control::barrier;
+use crate::server::Shared;
+use crate::strategy::Gate;
+use crate::target::Target;
+
+/// Longest wait for a new instance to become healthy.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Drain deadline when the architecture gives none.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// Time between SIGTERM and SIGKILL.
+pub const GRACE: Duration = Duration::from_secs(10);
+
+/// Runs rollouts forever.
+pub async fn run(shared: Arc<Shared>) {
+    loop {
+        let woken = shared.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let Some(mut r) = shared.rollout().filter(|r| r.phase.is_active()) else {
+            woken.await;
+            continue;
+        };
+        let started = Instant::now();
+        let result = step(&shared, &r).await;
+        // A push, pause or abort may have replaced the record while the step ran.
+        if let Some(now) = shared.rollout() {
+            if now.id != r.id || now.target_yaml != r.target_yaml || now.phase != r.phase {
+                r = now;
+                if let Ok(Outcome::Stepped { .. }) = &result {
+                    r.step += 1;
+                }
+                let _ = shared.save_rollout(&r);
+                continue;
+            }
+        }
+        match result {
+            Ok(Outcome::Done) => {
+                r.phase = if r.message.starts_with("abort") { Phase::RolledBack } else { Phase::Done };
+                r.previous_yaml = Some(r.target_yaml.clone());
+                r.note(format!("target reached after {} steps", r.step));
+                info!(rollout = %r.id, steps = r.step, "rollout done");
+            }
+            Ok(Outcome::Stepped { gate, line }) => {
+                r.step += 1;
+                r.note(format!("step {}: {line} ({} ms)", r.step, started.elapsed().as_millis()));
+                if let Some(Gate::Approval) = gate {
+                    r.phase = Phase::Waiting;
+                    r.message = format!("approval after step {}: hitless promote (or abort)", r.step);
+                }
+                info!(rollout = %r.id, step = r.step, "step done");
+            }
+            Err(e) => {
+                warn!(rollout = %r.id, step = r.step + 1, error = %e, "rollout failed");
+                r.phase = Phase::Failed;
+                r.message = e.clone();
+                r.note(format!("step {} failed: {e}", r.step + 1));
+            }
+        }
+        if let Err(e) = shared.save_rollout(&r) {
+            warn!(error = %e, "could not record the rollout; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+enum Outcome {
+    Done,
+    Stepped { gate: Option<Gate>, line: String },
+}
+
+/// What runs, for the services of `arch` and any service with instances run by agents.
+pub fn observe(shared: &Shared) -> Vec<Observed> {
+    let mut out = Vec::new();
+    for (node, instances) in shared.running() {
+        for r in instances.values() {
+            let key = (r.service.clone(), r.address.clone());
+            let registered = shared.instance(&key);
+            let state = match r.phase() {
+                pb::InstancePhase::Starting => InstanceState::Starting,
+                pb::InstancePhase::Stopping => InstanceState::Stopping,
+                pb::InstancePhase::Serving => match registered.as_ref().map(pb::Instance::state) {
+                    Some(pb::InstanceState::Draining | pb::InstanceState::Down) => InstanceState::Draining,
+                    // Healthy but not registered yet (a coordinator killed in between):
+                    // still coming up from the rollout's point of view.
+                    None => InstanceState::Starting,
+                    Some(pb::InstanceState::Serving) => InstanceState::Serving,
+                },
+                _ => continue,
+            };
+            out.push(Observed {
+                service: r.service.clone(),
+                version: r.version.clone(),
+                node: node.clone(),
+                address: r.address.clone(),
+                state,
+                weight: registered.map_or(hitless_model::DEFAULT_WEIGHT, |i| i.weight),
+            });
+        }
+    }
+    out
+}
+
+async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, String> {
+    let arch = r.target()?;
+    let target = Target::new(&arch);
+    let (strategy, gates) = r.strategy.build().map_err(|p| p.join("; "))?;
+    ensure_services(shared, &arch)?;
+    let observed = observe(shared);
+    let Some(step) = next_step(&observed, &target, &strategy) else { return Ok(Outcome::Done) };
+    let mut line = Vec::new();
+    for (service, ops) in &step.services {
+        let svc = arch.services.iter().find(|s| s.name == *service);
+        execute(shared, r, service, svc, ops, &observed).await?;
+        line.push(format!("{service}: +{} -{} weights {}", ops.start.len(), ops.stop.len(), ops.weights.len()));
+    }
+    let next = r.step as usize + 1;
+    let gate = step.gate.or_else(|| gates.iter().find(|g| g.step == next).map(|g| g.gate.clone()));
+    Ok(Outcome::Stepped { gate, line: line.join(", ") })
+}
+
+/// The registry carries every target service with its VIPs.
+fn ensure_services(shared: &Shared, arch: &Architecture) -> Result<(), String> {
+    for s in &arch.services {
+        let svc = pb::Service {
+            name: s.name.clone(),
+            vips: s.vips.iter().map(ToString::to_string).collect(),
+            protocol: pb::Protocol::Tcp as i32,
+            policy: pb::Policy::Steer as i32,
+        };
+        shared.mutate(|st| Ok(st.upsert_service(&svc))).map_err(|e| e.message().to_owned())?;
+    }
+    Ok(())
+}
+
+async fn execute(
+    shared: &Shared,
+    r: &Rollout,
+    service: &str,
+    svc: Option<&hitless_model::Service>,
+    ops: &ServiceOps,
+    observed: &[Observed],
+) -> Result<(), String> {
+    let node_of: BTreeMap<&str, &str> =
+        observed.iter().filter(|o| o.service == service).map(|o| (o.address.as_str(), o.node.as_str())).collect();
+    if ops.start_first {
+        start(shared, r, service, svc, ops, observed).await?;
+        weights(shared, service, ops)?;
+        for a in &ops.stop {
+            stop(shared, service, a, node_of.get(a.as_str()).copied(), svc).await?;
+        }
+    } else {
+        for a in &ops.stop {
+            stop(shared, service, a, node_of.get(a.as_str()).copied(), svc).await?;
+        }
+        start(shared, r, service, svc, ops, observed).await?;
+        weights(shared, service, ops)?;
+    }
+    Ok(())
+}
+
+fn weights(shared: &Shared, service: &str, ops: &ServiceOps) -> Result<(), String> {
+    for (address, w) in &ops.weights {
+        let key = (service.to_owned(), address.clone());
+        shared.mutate(|s| s.set_weight(&key, *w)).map_err(|e| e.message().to_owned())?;
+    }
+    Ok(())
+}
+
+fn spec(svc: &hitless_model::Service, version: &str) -> pb::InstanceSpec {
+    let check = |h: &Health| pb::Check {
+        kind: Some(match h {
+            Health::Http(path) => pb::check::Kind::Http(path.clone()),
+            Health::Tcp(b) => pb::check::Kind::Tcp(*b),
+            Health::Exec(argv) => pb::check::Kind::Exec(pb::Argv { args: argv.clone() }),
+        }),
+    };
+    pb::InstanceSpec {
+        service: svc.name.clone(),
+        version: version.to_owned(),
+        port: u32::from(svc.port),
+        command: svc.run.command.clone(),
+        env: svc.run.env.clone().into_iter().collect(),
+        config: svc.config.clone().into_iter().collect(),
+        health: svc.health.as_ref().map(check),
+        prestop: svc.prestop.as_ref().map(|p| pb::Check {
+            kind: Some(match p {
+                PreStop::Http(path) => pb::check::Kind::Http(path.clone()),
+                PreStop::Exec(argv) => pb::check::Kind::Exec(pb::Argv { args: argv.clone() }),
+            }),
+        }),
+        drain_deadline_ms: svc.drain_deadline.map_or(DEFAULT_DRAIN_DEADLINE, |d| d.to_std()).as_millis() as u64,
+        grace_ms: GRACE.as_millis() as u64,
+    }
+}
+
+/// Starts the step's new instances everywhere at once and waits until each is healthy
+/// and registered; waits for the ones an interrupted step left starting.
+async fn start(
+    shared: &Shared,
+    r: &Rollout,
+    service: &str,
+    svc: Option<&hitless_model::Service>,
+    ops: &ServiceOps,
+    observed: &[Observed],
+) -> Result<(), String> {
+    let mut reports = shared.reports.subscribe();
+    let mut pending: BTreeMap<String, String> = BTreeMap::new(); // op id -> node
+    for (i, (version, node, _weight)) in ops.start.iter().enumerate() {
+        let Some(svc) = svc else { break };
+        let op_id = format!("{}-{}-{}-{i}", r.id, r.step + 1, service);
+        let msg = Msg::Start(pb::StartInstance {
+            op_id: op_id.clone(),
+            spec: Some(spec(svc, version)),
+            health_timeout_ms: HEALTH_TIMEOUT.as_millis() as u64,
+        });
+        shared.send_op(node, msg)?;
+        pending.insert(op_id, node.clone());
+    }
+    let weight_of = |version: &str, node: &str| {
+        ops.start.iter().find(|(v, n, _)| v == version && n == node).map_or(hitless_model::DEFAULT_WEIGHT, |s| s.2)
+    };
+    // Instances already starting (an interrupted step): wait for them by address.
+    let mut awaiting: Vec<String> = ops.await_healthy.clone();
+    let deadline = Instant::now() + HEALTH_TIMEOUT + Duration::from_secs(5);
+    // Some may be healthy already and only need registering.
+    let running = shared.running();
+    let healthy: Vec<&Observed> = observed
+        .iter()
+        .filter(|o| o.service == service && awaiting.contains(&o.address))
+        .filter(|o| {
+            running
+                .get(&o.node)
+                .and_then(|m| m.get(&o.address))
+                .is_some_and(|x| x.phase() == pb::InstancePhase::Serving)
+        })
+        .collect();
+    for o in healthy {
+        register(shared, service, &o.address, &o.version, &o.node, o.weight)?;
+        awaiting.retain(|a| *a != o.address);
+    }
+    while !pending.is_empty() || !awaiting.is_empty() {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return Err(format!("instances of {service} did not report healthy within {HEALTH_TIMEOUT:?}"));
+        }
+        let (node, rep) = match tokio::time::timeout(wait, reports.recv()).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(RecvError::Lagged(_))) => continue,
+            Ok(Err(RecvError::Closed)) | Err(_) => {
+                return Err(format!("instances of {service} did not report healthy within {HEALTH_TIMEOUT:?}"))
+            }
+        };
+        let ours = pending.contains_key(&rep.op_id) || awaiting.contains(&rep.address);
+        if !ours || rep.service != service {
+            continue;
+        }
+        match rep.phase() {
+            pb::InstancePhase::Serving => {
+                register(shared, service, &rep.address, &rep.version, &node, weight_of(&rep.version, &node))?;
+                pending.remove(&rep.op_id);
+                awaiting.retain(|a| *a != rep.address);
+            }
+            pb::InstancePhase::Failed | pb::InstancePhase::Crashed => {
+                return Err(format!(
+                    "instance {} of {service} on node {node} never became healthy: {}",
+                    rep.address, rep.detail
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn register(
+    shared: &Shared,
+    service: &str,
+    address: &str,
+    version: &str,
+    node: &str,
+    weight: u32,
+) -> Result<(), String> {
+    let inst = pb::Instance {
+        service: service.to_owned(),
+        address: address.to_owned(),
+        state: pb::InstanceState::Serving as i32,
+        weight,
+        version: version.to_owned(),
+        node: node.to_owned(),
+        ttl_ms: 0,
+    };
+    shared.mutate(|s| s.register(&inst)).map(|_| ()).map_err(|e| e.message().to_owned())
+}
+
+/// Drains an instance on every node (barrier), has its agent stop it (connections, then
+/// signals), and deregisters it.
+async fn stop(
+    shared: &Shared,
+    service: &str,
+    address: &str,
+    node: Option<&str>,
+    svc: Option<&hitless_model::Service>,
+) -> Result<(), String> {
+    let key = (service.to_owned(), address.to_owned());
+    if shared.instance(&key).is_some() {
+        let d = barrier(shared, key.clone(), pb::InstanceState::Draining, Duration::from_secs(10))
+            .await
+            .map_err(|e| e.message().to_owned())?;
+        if !d.complete {
+            let late: Vec<String> =
+                d.nodes.iter().filter(|n| n.connected && !n.acked).map(|n| n.node.clone()).collect();
+            return Err(format!("drain of {address} ({service}) not acknowledged by {}", late.join(", ")));
+        }
+    }
+    if let Some(node) = node {
+        let deadline = svc.and_then(|s| s.drain_deadline).map_or(DEFAULT_DRAIN_DEADLINE, |d| d.to_std());
+        let mut reports = shared.reports.subscribe();
+        let op_id = format!("stop-{service}-{address}");
+        shared.send_op(
+            node,
+            Msg::Stop(pb::StopInstance {
+                op_id: op_id.clone(),
+                service: service.to_owned(),
+                address: address.to_owned(),
+            }),
+        )?;
+        let until = Instant::now() + deadline + GRACE + Duration::from_secs(10);
+        loop {
+            let wait = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(wait, reports.recv()).await {
+                Ok(Ok((_, rep))) if rep.address == address && rep.service == service => match rep.phase() {
+                    pb::InstancePhase::Stopped | pb::InstancePhase::Crashed => {
+                        info!(%service, %address, %node, report = %rep.detail, "instance stopped");
+                        break;
+                    }
+                    _ => {}
+                },
+                Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+                _ => return Err(format!("instance {address} of {service} on node {node} did not stop in time")),
+            }
+        }
+    }
+    if shared.instance(&key).is_some() {
+        shared.mutate(|s| s.deregister(&key)).map_err(|e| e.message().to_owned())?;
+    }
+    Ok(())
+}
