@@ -4,6 +4,7 @@
 //! and the engine can plan again from whatever state it finds after a crash.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use hitless_model::{Cluster, InstanceState, ServiceState};
 
@@ -48,9 +49,9 @@ pub struct StepGate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Move {
     /// Version label.
-    pub version: String,
+    pub version: Arc<str>,
     /// Node.
-    pub node: String,
+    pub node: Arc<str>,
     /// How many.
     pub count: u32,
 }
@@ -261,18 +262,18 @@ pub fn plan(current: &Cluster, target: &Target, strategy: &Strategy, gates: &[Ga
 }
 
 /// Counts per (version, node), whatever the state and weight.
-fn placement(s: &ServiceState) -> BTreeMap<(&str, &str), u32> {
+fn placement(s: &ServiceState) -> BTreeMap<(&Arc<str>, &Arc<str>), u32> {
     let mut out = BTreeMap::new();
     for g in s.groups() {
-        *out.entry((g.version.as_str(), g.node.as_str())).or_default() += g.count;
+        *out.entry((&g.version, &g.node)).or_default() += g.count;
     }
     out
 }
 
-fn moves<'a>(items: impl Iterator<Item = ((&'a str, &'a str), u32)>) -> Vec<Move> {
+fn moves<'a>(items: impl Iterator<Item = ((&'a Arc<str>, &'a Arc<str>), u32)>) -> Vec<Move> {
     items
         .filter(|(_, c)| *c > 0)
-        .map(|((v, n), count)| Move { version: v.to_owned(), node: n.to_owned(), count })
+        .map(|((v, n), count)| Move { version: Arc::clone(v), node: Arc::clone(n), count })
         .collect()
 }
 
@@ -286,14 +287,12 @@ fn service_step(name: &str, before: &ServiceState, t: &Transition, desired: u32)
         Order::StartFirst => (serving_before.min(serving_after), before.total() + started),
         Order::DrainFirst => {
             // Count every stopped instance as one that was serving: the conservative view.
-            let mut serving: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+            let mut serving: BTreeMap<(&Arc<str>, &Arc<str>), u32> = BTreeMap::new();
             for g in before.groups().iter().filter(|g| g.takes_traffic()) {
-                *serving.entry((g.version.as_str(), g.node.as_str())).or_default() += g.count;
+                *serving.entry((&g.version, &g.node)).or_default() += g.count;
             }
-            let lost: u32 = stopping
-                .iter()
-                .map(|m| m.count.min(serving.get(&(m.version.as_str(), m.node.as_str())).copied().unwrap_or(0)))
-                .sum();
+            let lost: u32 =
+                stopping.iter().map(|m| m.count.min(serving.get(&(&m.version, &m.node)).copied().unwrap_or(0))).sum();
             (serving_before.saturating_sub(lost).min(serving_after), before.total().max(t.next.total()))
         }
     };
@@ -318,9 +317,9 @@ fn resume_step(name: &str, before: Option<&ServiceState>, t: &Transition, target
     let empty = ServiceState::default();
     let before = before.unwrap_or(&empty);
     let pick = |states: &[InstanceState]| {
-        let mut m: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+        let mut m: BTreeMap<(&Arc<str>, &Arc<str>), u32> = BTreeMap::new();
         for g in before.groups().iter().filter(|g| states.contains(&g.state)) {
-            *m.entry((g.version.as_str(), g.node.as_str())).or_default() += g.count;
+            *m.entry((&g.version, &g.node)).or_default() += g.count;
         }
         moves(m.into_iter())
     };

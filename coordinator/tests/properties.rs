@@ -145,7 +145,7 @@ fn mid_step(before: &Cluster, after: &Cluster) -> Cluster {
     for (name, a) in &after.services {
         let b = before.service(name).cloned().unwrap_or_default();
         let count = |s: &ServiceState, v: &str, n: &str| -> u32 {
-            s.groups().iter().filter(|g| g.version == v && g.node == n).map(|g| g.count).sum()
+            s.groups().iter().filter(|g| &*g.version == v && &*g.node == n).map(|g| g.count).sum()
         };
         let mut groups: Vec<Group> = b.groups().to_vec();
         for g in a.groups() {
@@ -210,7 +210,7 @@ proptest! {
                     Strat::BlueGreen => {
                         // Until the switch (old versions still take traffic), nothing old leaves.
                         let version = target.service(&s.service).map(|t| t.version.as_str());
-                        let old_serving = s.after.groups().iter().any(|g| Some(g.version.as_str()) != version && g.takes_traffic());
+                        let old_serving = s.after.groups().iter().any(|g| Some(g.version.as_ref()) != version && g.takes_traffic());
                         if old_serving {
                             prop_assert!(s.serving_min >= s.serving_before, "blue-green before the switch: {:?}", s);
                         }

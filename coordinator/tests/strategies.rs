@@ -127,7 +127,7 @@ fn weighted_moves_traffic_shares_by_weights() {
     let p = plan(&Cluster::from_architecture(&six("v1")), &Target::new(&six("v2")), &named("weighted"), &[]).unwrap();
     // 5% as backend weights: 6 new at 6×5, 6 old at 6×95, reduced.
     let weights: Vec<(String, u32)> =
-        p.steps[0].services[0].after.groups().iter().map(|g| (g.version.clone(), g.weight)).collect();
+        p.steps[0].services[0].after.groups().iter().map(|g| (g.version.to_string(), g.weight)).collect();
     assert!(weights.contains(&("v1".into(), 19)) && weights.contains(&("v2".into(), 1)), "{weights:?}");
 }
 

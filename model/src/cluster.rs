@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,12 +59,13 @@ pub struct Instance {
 }
 
 /// `count` identical instances of one service: same version, node, state and weight.
+/// Names are shared (`Arc<str>`): the planner copies states at every step.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Group {
     /// Version label.
-    pub version: String,
+    pub version: Arc<str>,
     /// Node they run on.
-    pub node: String,
+    pub node: Arc<str>,
     /// Their state.
     pub state: InstanceState,
     /// Backend weight of each of them.
@@ -76,8 +78,8 @@ impl Group {
     /// `count` serving instances of `version` on `node` with the default weight.
     pub fn serving(version: &str, node: &str, count: u32) -> Self {
         Self {
-            version: version.to_owned(),
-            node: node.to_owned(),
+            version: version.into(),
+            node: node.into(),
             state: InstanceState::Serving,
             weight: DEFAULT_WEIGHT,
             count,
@@ -162,7 +164,7 @@ impl ServiceState {
         let mut total = 0;
         for g in self.groups.iter().filter(|g| g.takes_traffic()) {
             let w = u64::from(g.count) * u64::from(g.weight);
-            *per.entry(&g.version).or_default() += w;
+            *per.entry(g.version.as_ref()).or_default() += w;
             total += w;
         }
         (per, total)
@@ -191,8 +193,14 @@ impl Cluster {
     pub fn from_architecture(arch: &Architecture) -> Self {
         let mut services = BTreeMap::new();
         for s in &arch.services {
-            let state =
-                ServiceState::from_groups(s.placement.iter().map(|(node, &n)| Group::serving(&s.version, node, n)));
+            let version: Arc<str> = s.version.as_str().into();
+            let state = ServiceState::from_groups(s.placement.iter().map(|(node, &count)| Group {
+                version: Arc::clone(&version),
+                node: node.as_str().into(),
+                state: InstanceState::Serving,
+                weight: DEFAULT_WEIGHT,
+                count,
+            }));
             if !state.is_empty() {
                 services.insert(s.name.clone(), state);
             }
@@ -205,8 +213,8 @@ impl Cluster {
         let mut per: BTreeMap<String, Vec<Group>> = BTreeMap::new();
         for i in instances {
             per.entry(i.service.clone()).or_default().push(Group {
-                version: i.version.clone(),
-                node: i.node.clone(),
+                version: i.version.as_str().into(),
+                node: i.node.as_str().into(),
                 state: i.state,
                 weight: i.weight,
                 count: 1,
