@@ -15,7 +15,7 @@ use hitless_model::{Architecture, Cluster, RunSpec, Service};
 const NODES: usize = 5;
 const PER_SERVICE: u32 = 10;
 const TARGET_RATIO: f64 = 12.0;
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 15;
 
 fn architecture(services: usize, version: &str) -> Architecture {
     let nodes: Vec<String> = (0..NODES).map(|n| format!("node-{n}")).collect();
@@ -96,7 +96,7 @@ fn main() {
         _ => (100, 1000),
     };
     println!(
-        "planner: v1 → v2, 10 instances per service on {NODES} nodes, on-CPU time, fastest of 9 interleaved rounds"
+        "planner: v1 → v2, 10 instances per service on {NODES} nodes, on-CPU time, fastest of 15 interleaved rounds"
     );
     println!();
     println!("| strategy | {} services | {} services | ratio {}/{} |", sizes.0, sizes.1, sizes.1, sizes.0);
