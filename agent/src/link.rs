@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hitless_proto::v1::{self as pb, agent_link_client::AgentLinkClient, agent_message, coordinator_message};
@@ -16,9 +18,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
+use crate::abi::{Endpoint, PROTO_TCP};
 use crate::desired;
+use crate::driver::{Driver, InstanceInfo, InstanceSpec, InstanceState};
 use crate::registry::{BackendSpec, BackendState, Policy, Protocol, Registry, ServiceSpec};
-use crate::writer::{WriteError, Writer};
+use crate::writer::{Maps, WriteError, Writer};
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -147,12 +151,21 @@ impl Mirror {
     }
 }
 
+/// Where the session finds the node's instances and its datapath.
+#[derive(Clone)]
+pub struct Site {
+    /// The instance driver, when this agent runs instances.
+    pub driver: Option<Arc<Driver>>,
+    /// The node's pin directory (the stop sequence reads open connections there).
+    pub pin_dir: PathBuf,
+}
+
 /// Runs sessions forever, redialling with backoff; the maps keep the last state in
 /// between (fail static).
-pub async fn run(url: String, node: String, mut writer: Writer) -> ! {
+pub async fn run(url: String, node: String, mut writer: Writer, site: Site) -> ! {
     let mut backoff = MIN_BACKOFF;
     loop {
-        let e = session(&url, &node, &mut writer, &mut backoff).await;
+        let e = session(&url, &node, &mut writer, &site, &mut backoff).await;
         let held = writer.maps().revision().unwrap_or(0);
         warn!(%node, error = %e, revision = held, retry_ms = backoff.as_millis() as u64, "no coordinator session; steering with the state in force");
         tokio::time::sleep(backoff).await;
@@ -164,8 +177,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// One session: hello, then apply-and-ack until the stream ends (always with an error).
-async fn session(url: &str, node: &str, writer: &mut Writer, backoff: &mut Duration) -> LinkError {
-    match session_inner(url, node, writer, backoff).await {
+async fn session(url: &str, node: &str, writer: &mut Writer, site: &Site, backoff: &mut Duration) -> LinkError {
+    match session_inner(url, node, writer, site, backoff).await {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -175,6 +188,7 @@ async fn session_inner(
     url: &str,
     node: &str,
     writer: &mut Writer,
+    site: &Site,
     backoff: &mut Duration,
 ) -> Result<std::convert::Infallible, LinkError> {
     let mut client = AgentLinkClient::connect(url.to_owned())
@@ -185,13 +199,19 @@ async fn session_inner(
         node: node.to_owned(),
         applied_revision: writer.maps().revision()?,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        instances: Vec::new(),
+        instances: site
+            .driver
+            .as_ref()
+            .map(|d| d.list().iter().filter_map(|i| report(i, "")).collect())
+            .unwrap_or_default(),
     };
     // The channel has room: the receiver is not even polled yet.
     let _ = tx.try_send(pb::AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) });
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     info!(%node, %url, "coordinator session open");
     *backoff = MIN_BACKOFF;
+    let _crash_watch = site.driver.clone().map(|d| tokio::spawn(watch_crashes(d, tx.clone())));
+    let _guard = AbortOnDrop(_crash_watch);
     let mut mirror: Option<Mirror> = None;
     while let Some(msg) = inbound.message().await? {
         let next = match msg.msg {
@@ -202,12 +222,24 @@ async fn session_inner(
                 m
             }
             Some(coordinator_message::Msg::Start(op)) => {
-                let spec = op.spec.unwrap_or_default();
-                refuse(&tx, &op.op_id, &spec.service, &spec.version, "").await;
+                match &site.driver {
+                    Some(d) => {
+                        tokio::spawn(start_instance(d.clone(), op, tx.clone()));
+                    }
+                    None => {
+                        let spec = op.spec.unwrap_or_default();
+                        refuse(&tx, &op.op_id, &spec.service, &spec.version, "").await;
+                    }
+                }
                 continue;
             }
             Some(coordinator_message::Msg::Stop(op)) => {
-                refuse(&tx, &op.op_id, &op.service, "", &op.address).await;
+                match &site.driver {
+                    Some(d) => {
+                        tokio::spawn(stop_instance(d.clone(), site.pin_dir.clone(), op, tx.clone()));
+                    }
+                    None => refuse(&tx, &op.op_id, &op.service, "", &op.address).await,
+                }
                 continue;
             }
             None => continue,
@@ -230,6 +262,169 @@ async fn session_inner(
         mirror = Some(next);
     }
     Err(LinkError::Closed)
+}
+
+/// Aborts a task when the session ends.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+fn report(i: &InstanceInfo, op_id: &str) -> Option<pb::InstanceReport> {
+    let phase = match i.state {
+        InstanceState::Starting => pb::InstancePhase::Starting,
+        InstanceState::Serving => pb::InstancePhase::Serving,
+        InstanceState::Stopping => pb::InstancePhase::Stopping,
+        InstanceState::Crashed => pb::InstancePhase::Crashed,
+    };
+    Some(pb::InstanceReport {
+        service: i.service.clone(),
+        version: i.version.clone(),
+        address: SocketAddr::new(i.address.into(), i.port).to_string(),
+        phase: phase as i32,
+        detail: i.exit.clone().unwrap_or_default(),
+        op_id: op_id.to_owned(),
+        id: i.id.clone(),
+    })
+}
+
+async fn send_report(tx: &mpsc::Sender<pb::AgentMessage>, r: pb::InstanceReport) {
+    let _ = tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Instance(r)) }).await;
+}
+
+fn spec_from(s: &pb::InstanceSpec) -> Result<InstanceSpec, String> {
+    use hitless_model::{Health, PreStop, RunSpec};
+    let port = u16::try_from(s.port).map_err(|_| format!("port {} is out of range", s.port))?;
+    let health = s.health.as_ref().and_then(|c| c.kind.as_ref()).map(|k| match k {
+        pb::check::Kind::Http(p) => Health::Http(p.clone()),
+        pb::check::Kind::Tcp(b) => Health::Tcp(*b),
+        pb::check::Kind::Exec(a) => Health::Exec(a.args.clone()),
+    });
+    let prestop = s.prestop.as_ref().and_then(|c| c.kind.as_ref()).and_then(|k| match k {
+        pb::check::Kind::Http(p) => Some(PreStop::Http(p.clone())),
+        pb::check::Kind::Exec(a) => Some(PreStop::Exec(a.args.clone())),
+        pb::check::Kind::Tcp(_) => None,
+    });
+    Ok(InstanceSpec {
+        service: s.service.clone(),
+        version: s.version.clone(),
+        port,
+        run: RunSpec { command: s.command.clone(), env: s.env.clone().into_iter().collect() },
+        health,
+        prestop,
+        drain_deadline: Duration::from_millis(s.drain_deadline_ms),
+        grace: Duration::from_millis(s.grace_ms),
+        config: s.config.clone().into_iter().collect(),
+    })
+}
+
+/// Starts an instance and reports STARTING, then SERVING or FAILED with its last output.
+async fn start_instance(driver: Arc<Driver>, op: pb::StartInstance, tx: mpsc::Sender<pb::AgentMessage>) {
+    let spec = op.spec.unwrap_or_default();
+    let failed = |detail: String, address: String| pb::InstanceReport {
+        service: spec.service.clone(),
+        version: spec.version.clone(),
+        address,
+        phase: pb::InstancePhase::Failed as i32,
+        detail,
+        op_id: op.op_id.clone(),
+        id: String::new(),
+    };
+    let s = match spec_from(&spec) {
+        Ok(s) => s,
+        Err(e) => return send_report(&tx, failed(e, String::new())).await,
+    };
+    let info = match driver.start(s) {
+        Ok(i) => i,
+        Err(e) => return send_report(&tx, failed(e.to_string(), String::new())).await,
+    };
+    if let Some(r) = report(&info, &op.op_id) {
+        send_report(&tx, r).await;
+    }
+    let timeout = Duration::from_millis(op.health_timeout_ms.max(1_000));
+    match driver.wait_healthy(&info.id, timeout).await {
+        Ok(()) => {
+            let mut r = report(&info, &op.op_id).unwrap_or_default();
+            r.phase = pb::InstancePhase::Serving as i32;
+            info!(service = %info.service, id = %info.id, address = %r.address, "instance healthy");
+            send_report(&tx, r).await;
+        }
+        Err(e) => {
+            let address = SocketAddr::new(info.address.into(), info.port).to_string();
+            warn!(service = %info.service, id = %info.id, %address, error = %e, "instance never became healthy");
+            // Leave nothing behind: a failed instance is stopped at once.
+            let _ = driver.stop(&info.id, || 0).await;
+            send_report(&tx, failed(e.to_string(), address)).await;
+        }
+    }
+}
+
+/// Runs the stop sequence, reading the instance's open connections from the kernel.
+async fn stop_instance(
+    driver: Arc<Driver>,
+    pin_dir: PathBuf,
+    op: pb::StopInstance,
+    tx: mpsc::Sender<pb::AgentMessage>,
+) {
+    let found = driver.list().into_iter().find(|i| SocketAddr::new(i.address.into(), i.port).to_string() == op.address);
+    let mut r = pb::InstanceReport {
+        service: op.service.clone(),
+        address: op.address.clone(),
+        phase: pb::InstancePhase::Stopped as i32,
+        op_id: op.op_id.clone(),
+        ..Default::default()
+    };
+    let Some(info) = found else {
+        r.detail = "not running on this node (already stopped)".into();
+        return send_report(&tx, r).await;
+    };
+    r.version = info.version.clone();
+    r.id = info.id.clone();
+    let maps = Maps::open(&pin_dir).ok();
+    let ep = Endpoint::new(SocketAddr::new(info.address.into(), info.port), PROTO_TCP);
+    let active = move || maps.as_ref().map_or(0, |m| m.active_connections(&ep));
+    match driver.stop(&info.id, active).await {
+        Ok(rep) => {
+            r.detail = format!(
+                "prestop {:?}, drain {:?} (ended by {:?}, {} open), SIGTERM {:?}{}, total {:?}",
+                rep.prestop,
+                rep.drain,
+                rep.drain_end,
+                rep.active_at_end,
+                rep.term,
+                if rep.killed { ", SIGKILL" } else { "" },
+                rep.total
+            );
+            info!(service = %op.service, address = %op.address, report = %r.detail, "instance stopped");
+        }
+        Err(e) => {
+            r.detail = format!("stop failed: {e}");
+            warn!(service = %op.service, address = %op.address, error = %e, "stop failed");
+        }
+    }
+    send_report(&tx, r).await;
+}
+
+/// Reports instances that exit on their own.
+async fn watch_crashes(driver: Arc<Driver>, tx: mpsc::Sender<pb::AgentMessage>) {
+    let mut seen: BTreeMap<String, InstanceState> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for i in driver.list() {
+            if i.state == InstanceState::Crashed && seen.get(&i.id) != Some(&InstanceState::Crashed) {
+                warn!(service = %i.service, id = %i.id, exit = ?i.exit, "instance crashed");
+                if let Some(r) = report(&i, "") {
+                    send_report(&tx, r).await;
+                }
+            }
+            seen.insert(i.id.clone(), i.state);
+        }
+    }
 }
 
 /// Answers an instance operation this agent cannot carry out.

@@ -8,9 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
+use hitless_agent::driver::Driver;
 use hitless_agent::loader::{self, Capacities};
 use hitless_agent::writer::{Maps, Writer};
 use hitless_agent::{cgroup, link, static_mode};
+use std::sync::Arc;
 
 /// The hitless node agent: steers and drains connections inside connect().
 #[derive(Parser)]
@@ -49,6 +51,16 @@ struct RunArgs {
     /// Cgroup v2 directory to attach to (default: the cgroup v2 root, found in /proc/mounts).
     #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
+    /// Coordinator mode: the cgroup v2 directory under which this node's instances run,
+    /// one child cgroup each (created if missing). Without it the agent runs no instances.
+    #[arg(long, value_name = "DIR", requires = "instance_addresses")]
+    workload_cgroup: Option<PathBuf>,
+    /// The addresses instances get, an IPv4 CIDR such as 127.1.0.0/24.
+    #[arg(long, value_name = "CIDR", requires = "workload_cgroup")]
+    instance_addresses: Option<String>,
+    /// Where instance records and logs live (default /var/lib/hitless/NODE).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Where programs and maps are pinned (default /sys/fs/bpf/hitless/NODE).
     #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
@@ -147,6 +159,12 @@ fn detach(node: &str, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = node_name(args.node.as_deref().ok_or_else(|| BadInput("--node NAME is required".into()))?)?;
     // Static mode validates the file before touching the kernel: a bad file changes nothing.
+    if args.registry_file.is_some() && args.workload_cgroup.is_some() {
+        return Err(BadInput(
+            "--workload-cgroup: instances are run in coordinator mode only; drop it or use --coordinator".into(),
+        )
+        .into());
+    }
     let source = match (&args.registry_file, &args.coordinator) {
         (Some(file), None) => Source::File(file.clone(), static_mode::read(file)?),
         (None, Some(url)) => Source::Coordinator(coordinator_url(url)?),
@@ -187,7 +205,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         Source::Coordinator(url) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(link::run(url, node.to_owned(), writer))
+            let driver = match (&args.workload_cgroup, &args.instance_addresses) {
+                (Some(cg), Some(pool)) => {
+                    let state = args.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/hitless").join(node));
+                    let d = Driver::open(node, cg, pool, &state)?;
+                    let adopted = d.adopt();
+                    info!(node, adopted = adopted.len(), "instances adopted");
+                    Some(Arc::new(d))
+                }
+                _ => None,
+            };
+            let site = link::Site { driver, pin_dir: pin_dir.clone() };
+            rt.block_on(link::run(url, node.to_owned(), writer, site))
         }
     }
 }

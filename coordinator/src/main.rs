@@ -38,6 +38,16 @@ enum Command {
     /// Read and change the coordinator's registry.
     #[command(subcommand)]
     Registry(remote::RegistryCommand),
+    /// Start a rollout to a target architecture (or retarget the one running).
+    Push(remote::PushArgs),
+    /// Hold the rollout before its next step.
+    Pause,
+    /// Continue a paused rollout.
+    Resume,
+    /// Open the approval gate the rollout waits at.
+    Promote,
+    /// Return to the last completed architecture, the safe way.
+    Abort,
 }
 
 #[derive(Args)]
@@ -114,6 +124,11 @@ fn main() -> ExitCode {
         Command::Drain(args) => remote::drain(url, &args, false).map_err(Failure::from),
         Command::Undrain(args) => remote::drain(url, &args, true).map_err(Failure::from),
         Command::Registry(cmd) => remote::registry(url, &cmd).map_err(Failure::from),
+        Command::Push(args) => remote::push(url, &args).map_err(Failure::from),
+        Command::Pause => remote::control(url, "pause").map_err(Failure::from),
+        Command::Resume => remote::control(url, "resume").map_err(Failure::from),
+        Command::Promote => remote::control(url, "promote").map_err(Failure::from),
+        Command::Abort => remote::control(url, "abort").map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,9 +42,45 @@ pub struct DrainArgs {
     pub output: String,
 }
 
+/// `hitless push`.
+#[derive(Args)]
+pub struct PushArgs {
+    /// Architecture file to reach.
+    #[arg(long, value_name = "FILE")]
+    pub target: PathBuf,
+    /// Update strategy: straight, canary, blue-green, mixed, rolling, gray, weighted.
+    #[arg(long, value_name = "S")]
+    pub strategy: String,
+    /// rolling: instances allowed over the desired count (N or P%).
+    #[arg(long, value_name = "N|P%", default_value = "")]
+    pub max_surge: String,
+    /// rolling: serving instances allowed under the desired count (N or P%).
+    #[arg(long, value_name = "N|P%", default_value = "")]
+    pub max_unavailable: String,
+    /// gray: size of the first batch.
+    #[arg(long, value_name = "N|P%", default_value = "")]
+    pub first_batch: String,
+    /// gray: batches after the first.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub batches: u32,
+    /// weighted: traffic shares of the new version, in percent.
+    #[arg(long, value_name = "P,P,...", value_delimiter = ',')]
+    pub steps: Vec<u32>,
+    /// Pause after a step: STEP, STEP:approval, STEP:analysis=WINDOW,MAX%. Repeatable.
+    #[arg(long = "gate", value_name = "SPEC")]
+    pub gates: Vec<String>,
+    /// Follow the rollout until it ends: exit 0 when it reaches the target, 1 when it
+    /// fails or rolls back.
+    #[arg(long)]
+    pub wait: bool,
+}
+
 /// `hitless status`.
 #[derive(Args)]
 pub struct StatusArgs {
+    /// Keep showing the status, refreshed, until interrupted.
+    #[arg(long)]
+    pub watch: bool,
     /// Output format.
     #[arg(short = 'o', long = "output", value_name = "FORMAT", default_value = "table", value_parser = ["table", "json"])]
     pub output: String,
@@ -208,8 +244,111 @@ pub fn drain(url: &str, args: &DrainArgs, undrain: bool) -> Result<(), RemoteErr
     })
 }
 
-/// `status`: the registry revision and every node's agent.
+/// `push`: starts (or retargets) a rollout; with `--wait`, follows it to its end.
+pub fn push(url: &str, args: &PushArgs) -> Result<(), RemoteError> {
+    let text = std::fs::read_to_string(&args.target)
+        .map_err(|e| RemoteError::BadInput(format!("--target {}: cannot read the file: {e}", args.target.display())))?;
+    if let Err(e) = hitless_model::Architecture::parse(&text) {
+        let lines: Vec<String> = e.problems().iter().map(|p| format!("{}: {p}", args.target.display())).collect();
+        return Err(RemoteError::BadInput(lines.join("\n")));
+    }
+    let spec = pb::StrategySpec {
+        name: args.strategy.clone(),
+        max_surge: args.max_surge.clone(),
+        max_unavailable: args.max_unavailable.clone(),
+        first_batch: args.first_batch.clone(),
+        batches: args.batches,
+        steps: args.steps.clone(),
+        gates: args.gates.clone(),
+    };
+    if let Err(p) = hitless_coordinator::engine::record::StrategyRecord::from(&spec).build() {
+        return Err(RemoteError::BadInput(p.join("\n")));
+    }
+    runtime()?.block_on(async {
+        let mut client = CoordinatorClient::new(channel(url).await?);
+        let r = client
+            .push(pb::PushRequest { architecture_yaml: text, strategy: Some(spec) })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        println!("rollout {}: {} steps planned", r.rollout_id, r.steps);
+        if !args.wait {
+            return Ok(());
+        }
+        let mut shown = String::new();
+        loop {
+            let s = client.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner();
+            let Some(ro) = s.rollout else { return Err(RemoteError::Failed(anyhow::anyhow!("the rollout vanished"))) };
+            let line = progress_line(&ro);
+            if line != shown {
+                println!("{line}");
+                shown = line;
+            }
+            match ro.state.as_str() {
+                "done" => return Ok(()),
+                "failed" | "rolled-back" => {
+                    return Err(RemoteError::Failed(anyhow::anyhow!("rollout {} {}: {}", ro.id, ro.state, ro.message)))
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
+    })
+}
+
+fn progress_line(r: &pb::RolloutStatus) -> String {
+    let services: Vec<String> = r
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}: {}/{} new serving, {} old, {} starting, {} draining",
+                s.service, s.version, s.new_serving, s.desired, s.old_serving, s.starting, s.draining
+            )
+        })
+        .collect();
+    let mut line = format!("[{}] step {}/{} {} — {}", r.state, r.step, r.steps, r.strategy, services.join("; "));
+    if !r.waiting_for.is_empty() {
+        line += &format!(" — waiting for {}", r.waiting_for);
+    }
+    line
+}
+
+/// `pause`, `resume`, `promote`, `abort`.
+pub fn control(url: &str, what: &str) -> Result<(), RemoteError> {
+    runtime()?.block_on(async {
+        let mut client = CoordinatorClient::new(channel(url).await?);
+        let req = pb::RolloutRequest {};
+        let r = match what {
+            "pause" => client.pause(req).await,
+            "resume" => client.resume(req).await,
+            "promote" => client.promote(req).await,
+            _ => client.abort(req).await,
+        }
+        .map_err(|s| match s.code() {
+            tonic::Code::FailedPrecondition => RemoteError::Failed(anyhow::anyhow!("{what}: {}", s.message())),
+            _ => status_error(s),
+        })?
+        .into_inner();
+        if let Some(ro) = r.rollout {
+            println!("{}", progress_line(&ro));
+        }
+        Ok(())
+    })
+}
+
+/// `status`: the registry revision, every node's agent, and the rollout.
 pub fn status(url: &str, args: &StatusArgs) -> Result<(), RemoteError> {
+    if args.watch {
+        loop {
+            print!("\x1b[2J\x1b[H");
+            status_once(url, args)?;
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+    status_once(url, args)
+}
+
+fn status_once(url: &str, args: &StatusArgs) -> Result<(), RemoteError> {
     runtime()?.block_on(async {
         let mut client = CoordinatorClient::new(channel(url).await?);
         let r = client.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner();
@@ -224,7 +363,25 @@ pub fn status(url: &str, args: &StatusArgs) -> Result<(), RemoteError> {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::json!({ "revision": r.revision, "nodes": nodes }));
+            let rollout = r.rollout.as_ref().map(|ro| {
+                let services: Vec<serde_json::Value> = ro
+                    .services
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "service": s.service, "version": s.version, "desired": s.desired,
+                            "new_serving": s.new_serving, "old_serving": s.old_serving,
+                            "starting": s.starting, "draining": s.draining,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "id": ro.id, "state": ro.state, "step": ro.step, "steps": ro.steps,
+                    "strategy": ro.strategy, "waiting_for": ro.waiting_for, "message": ro.message,
+                    "services": services, "log": ro.log,
+                })
+            });
+            println!("{}", serde_json::json!({ "revision": r.revision, "nodes": nodes, "rollout": rollout }));
         } else {
             println!("registry revision {}", r.revision);
             println!("{:<24} {:<12} {:>10} {:>6} {:>14}", "NODE", "AGENT", "APPLIED", "LAG", "LAST CONTACT");
@@ -234,6 +391,28 @@ pub fn status(url: &str, args: &StatusArgs) -> Result<(), RemoteError> {
                     "{:<24} {:<12} {:>10} {:>6} {:>12}ms",
                     n.node, agent, n.applied_revision, n.lag, n.last_contact_ms_ago
                 );
+            }
+            if let Some(ro) = &r.rollout {
+                println!("\nrollout {} ({}): {}", ro.id, ro.strategy, ro.state);
+                println!("step {} of {}", ro.step, ro.steps);
+                println!(
+                    "{:<16} {:<10} {:>8} {:>8} {:>9} {:>9} {:>8}",
+                    "SERVICE", "TARGET", "NEW", "OLD", "STARTING", "DRAINING", "DESIRED"
+                );
+                for s in &ro.services {
+                    println!(
+                        "{:<16} {:<10} {:>8} {:>8} {:>9} {:>9} {:>8}",
+                        s.service, s.version, s.new_serving, s.old_serving, s.starting, s.draining, s.desired
+                    );
+                }
+                if !ro.waiting_for.is_empty() {
+                    println!("waiting for: {}", ro.waiting_for);
+                } else if !ro.message.is_empty() {
+                    println!("{}", ro.message);
+                }
+                for l in &ro.log {
+                    println!("  {l}");
+                }
             }
         }
         Ok(())

@@ -86,11 +86,30 @@ impl Cgroup {
     }
 }
 
+/// Child cgroups below `dir`, deepest first.
+fn descendants(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(descendants(&p));
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        // cgroup.kill takes the whole subtree (instances in workload cgroups included).
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
+            for child in descendants(&self.path) {
+                let _ = std::fs::remove_dir(&child);
+            }
             let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
             if procs.trim().is_empty() && std::fs::remove_dir(&self.path).is_ok() {
                 return;

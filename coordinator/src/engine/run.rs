@@ -313,7 +313,7 @@ fn register(
 }
 
 /// Drains an instance on every node (barrier), has its agent stop it (connections, then
-/// signals), and deregisters it.
+/// signals), and marks it down (removed after the tombstone time).
 async fn stop(
     shared: &Shared,
     service: &str,
@@ -361,7 +361,9 @@ async fn stop(
         }
     }
     if shared.instance(&key).is_some() {
-        shared.mutate(|s| s.deregister(&key)).map_err(|e| e.message().to_owned())?;
+        // Not deregistered yet: kept down, so that a client whose cache still lists the
+        // address is steered to a sibling rather than refused.
+        shared.bury(&key).map_err(|e| e.message().to_owned())?;
     }
     Ok(())
 }

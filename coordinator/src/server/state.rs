@@ -73,7 +73,14 @@ pub struct Shared {
     rollout: Mutex<Option<Rollout>>,
     /// Wakes the engine: a push, pause, resume, promote or abort.
     pub wake: Notify,
+    /// Stopped instances kept `down` so that stale clients dialling them are still steered.
+    tombstones: Mutex<BTreeMap<Key, Instant>>,
 }
+
+/// How long a stopped instance stays in the registry as `down`: clients whose registry
+/// cache still lists it (caches refresh every 30 s; Eureka can lag 2 minutes) keep being
+/// steered to a serving sibling meanwhile.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(180);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A handler that panicked while holding the lock left the data consistent (every
@@ -114,6 +121,7 @@ impl Shared {
             reports,
             rollout: Mutex::new(rollout),
             wake: Notify::new(),
+            tombstones: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -260,8 +268,38 @@ impl Shared {
         Ok((revision, unknown))
     }
 
+    /// Marks a stopped instance down and keeps it for [`TOMBSTONE_TTL`].
+    pub fn bury(&self, key: &Key) -> Result<u64, Status> {
+        let revision = self.mutate(|s| s.set_state(key, pb::InstanceState::Down))?;
+        lock(&self.tombstones).insert(key.clone(), Instant::now());
+        Ok(revision)
+    }
+
+    /// Removes the tombstones older than [`TOMBSTONE_TTL`] (unless the address came back).
+    fn reap_tombstones(&self) {
+        let due: Vec<Key> = {
+            let mut t = lock(&self.tombstones);
+            let due: Vec<Key> =
+                t.iter().filter(|(_, at)| at.elapsed() > TOMBSTONE_TTL).map(|(k, _)| k.clone()).collect();
+            for k in &due {
+                t.remove(k);
+            }
+            due
+        };
+        for k in due {
+            let still_down = self.instance(&k).is_some_and(|i| i.state() == pb::InstanceState::Down);
+            if still_down {
+                if let Err(e) = self.mutate(|s| s.deregister(&k)) {
+                    warn!(service = %k.0, address = %k.1, error = %e, "tombstone not removed; retrying");
+                    lock(&self.tombstones).insert(k, Instant::now());
+                }
+            }
+        }
+    }
+
     /// Marks instances whose lease lapsed down; removes those lapsed for 3 TTLs.
     pub fn expire_leases(&self) {
+        self.reap_tombstones();
         let mut inner = lock(&self.inner);
         let now = Instant::now();
         let mut changes = Changes::default();

@@ -53,6 +53,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// HTTP GETs (one connection each) until the stop file exists; prints a summary
+    /// whose `backends` are the response bodies (version and address).
+    HttpLoop {
+        addr: SocketAddr,
+        #[arg(long)]
+        stop_file: PathBuf,
+        #[arg(long, default_value_t = 120)]
+        max_secs: u64,
+        /// Pause between requests, in milliseconds (bounds the request rate).
+        #[arg(long, default_value_t = 5)]
+        pause_ms: u64,
+    },
     /// Accepts and closes at once: the cheapest server, for connect-rate benchmarks.
     Sink {
         #[arg(long)]
@@ -127,6 +139,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Hold { addr, count } => hold(addr, count),
+        Cmd::HttpLoop { addr, stop_file, max_secs, pause_ms } => {
+            let mut s = Summary::default();
+            let end = Instant::now() + Duration::from_secs(max_secs);
+            while !stop_file.exists() && Instant::now() < end {
+                http_once(addr, &mut s);
+                std::thread::sleep(Duration::from_millis(pause_ms));
+            }
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(())
+        }
         Cmd::Sink { tcp, cpu } => {
             pin_cpu(cpu);
             sink(&tcp)
@@ -316,5 +338,28 @@ fn pin_cpu(cpu: Option<usize>) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn http_once(addr: SocketAddr, s: &mut Summary) {
+    let started = Instant::now();
+    let result = (|| {
+        let mut c = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        c.set_read_timeout(Some(TIMEOUT))?;
+        let peer = c.peer_addr()?;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: hitless\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        let ok = text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200");
+        if !ok {
+            let first = text.lines().next().unwrap_or("").to_owned();
+            return Err(std::io::Error::other(format!("bad response {first:?}")));
+        }
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
+        Ok((body, peer))
+    })();
+    match result {
+        Ok((body, peer)) => s.hit(body, peer),
+        Err(e) => s.fail(&e, started),
     }
 }
