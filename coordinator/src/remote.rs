@@ -25,6 +25,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Longest wait for a new instance to become healthy before its step fails.
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    pub health_timeout: Duration,
 }
 
 /// `hitless drain` / `hitless undrain`.
@@ -188,7 +191,8 @@ pub fn serve(args: &ServeArgs) -> Result<(), RemoteError> {
                 () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
         };
-        hitless_coordinator::server::serve(args.listen, &args.data_dir, |addr| println!("listening on {addr}"), shutdown)
+        let health = args.health_timeout.to_std();
+        hitless_coordinator::server::serve(args.listen, &args.data_dir, health, |addr| println!("listening on {addr}"), shutdown)
             .await
             .map_err(|e| RemoteError::Failed(e.into()))
     })

@@ -445,7 +445,9 @@ impl Coordinator {
             .open(std::env::temp_dir().join(format!("{}.log", self.data_dir.display())))
             .expect("log");
         let mut cmd = Command::new(bin("hitless"));
-        cmd.args(["coordinator", "--listen", &self.listen, "--data-dir"]).arg(&self.data_dir).stderr(log);
+        cmd.args(["coordinator", "--listen", &self.listen, "--health-timeout", "5s", "--data-dir"])
+            .arg(&self.data_dir)
+            .stderr(log);
         self.proc = Some(spawn_line(cmd, "listening on"));
     }
 

@@ -12,10 +12,15 @@ use hitless_tests::{bin, Coordinator, Node, Summary};
 const VIP: &str = "127.77.60.1:8080";
 
 fn architecture(nodes: &[Node], version: &str, per_node: u32) -> String {
+    architecture_with(nodes, version, per_node, &[], VIP)
+}
+
+fn architecture_with(nodes: &[Node], version: &str, per_node: u32, extra: &[&str], vip: &str) -> String {
     let svc = bin("hitless-testsvc");
     let placement: Vec<String> = nodes.iter().map(|n| format!("{}: {per_node}", n.name)).collect();
+    let extra: String = extra.iter().map(|e| format!(", \"{e}\"")).collect();
     format!(
-        "services:\n  - name: web\n    version: {version}\n    port: 8080\n    vips: [\"{VIP}\"]\n    run: {{ command: [\"{}\", \"--listen\", \"{{address}}:{{port}}\", \"--version\", \"{version}\"] }}\n    health: {{ http: /healthz }}\n    prestop: {{ http: /drain }}\n    drain_deadline: 5s\n    placement: {{ {} }}\n",
+        "services:\n  - name: web\n    version: {version}\n    port: 8080\n    vips: [\"{vip}\"]\n    run: {{ command: [\"{}\", \"--listen\", \"{{address}}:{{port}}\", \"--version\", \"{version}\"{extra}] }}\n    health: {{ http: /healthz }}\n    prestop: {{ http: /drain }}\n    drain_deadline: 5s\n    placement: {{ {} }}\n",
         svc.display(),
         placement.join(", ")
     )
@@ -146,4 +151,219 @@ fn a_rolling_update_under_load_loses_no_request_and_a_plain_stop_does() {
     std::thread::sleep(Duration::from_millis(500));
     let base = finish(vec![stale], &stop).remove(0);
     assert!(base.failed > 0, "stopping without a drain should lose requests of a stale client: {base:?}");
+}
+
+/// A coordinator and three nodes running web v1 (2 instances each), with VIP `vip`.
+struct Rig {
+    coord: Coordinator,
+    nodes: Vec<Node>,
+    dir: PathBuf,
+    vip: String,
+}
+
+impl Rig {
+    fn new(name: &str, k: u8) -> Self {
+        let coord = Coordinator::start(name, &format!("127.130.{}.1:7070", 10 + k));
+        let nodes = nodes(&coord, name, k);
+        coord.wait_synced(3);
+        let dir = nodes[0].dir.clone();
+        let rig = Self { coord, nodes, dir, vip: format!("127.77.6{k}.1:8080") };
+        let out = rig.push("v1", &[], &["--strategy", "straight"]);
+        assert!(out.status.success(), "first deploy: {}", String::from_utf8_lossy(&out.stderr));
+        rig
+    }
+
+    fn arch(&self, version: &str, extra: &[&str]) -> String {
+        architecture_with(&self.nodes, version, 2, extra, &self.vip)
+    }
+
+    fn push(&self, version: &str, extra: &[&str], strategy: &[&str]) -> std::process::Output {
+        push(&self.coord, &self.dir, &self.arch(version, extra), strategy)
+    }
+
+    /// Starts a push without waiting.
+    fn push_async(&self, version: &str, strategy: &[&str]) {
+        let file = self.dir.join("arch.yaml");
+        std::fs::write(&file, self.arch(version, &[])).expect("architecture file");
+        let mut args = vec!["push", "--target", file.to_str().expect("utf-8")];
+        args.extend_from_slice(strategy);
+        let out = self.coord.cli(&args);
+        assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn rollout(&self) -> serde_json::Value {
+        self.coord.json(&["status", "-o", "json"])["rollout"].clone()
+    }
+
+    fn wait_state(&self, states: &[&str]) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.rollout();
+            if states.iter().any(|s| r["state"] == *s) {
+                return r;
+            }
+            assert!(std::time::Instant::now() < deadline, "rollout never reached {states:?}: {r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// HTTP load through the VIP on every node, plus a stale client per node.
+    fn load(&self, stop: &Path) -> Vec<Child> {
+        let _ = std::fs::remove_file(stop);
+        let serving = instances(&self.coord);
+        let mut loops = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            loops.push(http_loop(n, &self.vip, stop));
+            if let Some(a) = serving.get(i).and_then(|x| x["address"].as_str()) {
+                loops.push(http_loop(n, a, stop));
+            }
+        }
+        loops
+    }
+
+    fn versions(&self) -> Vec<String> {
+        instances(&self.coord).iter().map(|i| i["version"].as_str().unwrap_or("").to_owned()).collect()
+    }
+}
+
+fn assert_no_loss(results: &[Summary], what: &str) {
+    for (k, s) in results.iter().enumerate() {
+        assert!(s.ok > 5, "{what}: client {k} ran: {s:?}");
+        assert_eq!(s.failed, 0, "{what}: client {k} lost requests: {s:?}");
+    }
+}
+
+#[test]
+fn every_strategy_reaches_the_target_and_all_but_straight_lose_nothing() {
+    let rig = Rig::new("strat", 2);
+    let strategies: [(&str, &[&str]); 6] = [
+        ("canary", &[]),
+        ("blue-green", &[]),
+        ("mixed", &[]),
+        ("rolling", &["--max-surge", "2", "--max-unavailable", "0"]),
+        ("gray", &["--first-batch", "1", "--batches", "2"]),
+        ("weighted", &["--steps", "25,50,100"]),
+    ];
+    for (i, (name, params)) in strategies.iter().enumerate() {
+        let version = format!("v{}", i + 2);
+        let stop = rig.dir.join("stop");
+        let loops = rig.load(&stop);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut args = vec!["--strategy", name];
+        args.extend_from_slice(params);
+        if *name == "gray" {
+            // Gray waits for approval after its first batch.
+            rig.push_async(&version, &args);
+            let r = rig.wait_state(&["waiting"]);
+            assert!(r["waiting_for"].as_str().unwrap_or("").contains("promote"), "{r}");
+            let out = rig.coord.cli(&["promote"]);
+            assert!(out.status.success(), "promote: {}", String::from_utf8_lossy(&out.stderr));
+            rig.wait_state(&["done"]);
+        } else {
+            let out = rig.push(&version, &[], &args);
+            assert!(
+                out.status.success(),
+                "{name}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_no_loss(&finish(loops, &stop), name);
+        assert_eq!(rig.versions(), vec![version.clone(); 6], "{name}");
+    }
+    // Straight stops every old instance before starting new ones: it reaches the
+    // target, with the downtime its plan warns of.
+    let out = rig.push("v9", &[], &["--strategy", "straight"]);
+    assert!(out.status.success(), "straight: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(rig.versions(), vec!["v9".to_owned(); 6]);
+}
+
+#[test]
+fn an_instance_that_never_becomes_healthy_fails_the_rollout_and_traffic_stays() {
+    let rig = Rig::new("sick", 3);
+    let stop = rig.dir.join("stop");
+    let loops = rig.load(&stop);
+    let out =
+        rig.push("v2", &["--unhealthy"], &["--strategy", "rolling", "--max-surge", "1", "--max-unavailable", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("never became healthy") && err.contains("instance 127.163."), "names the instance: {err}");
+    assert!(err.contains("503") || err.contains("health"), "carries the last health output: {err}");
+    assert_eq!(rig.rollout()["state"], "failed");
+    assert_no_loss(&finish(loops, &stop), "failed rollout");
+    assert_eq!(rig.versions(), vec!["v1".to_owned(); 6], "traffic stays on the healthy v1 instances");
+}
+
+#[test]
+fn a_rollout_can_be_paused_resumed_retargeted_and_aborted() {
+    let rig = Rig::new("ctl", 4);
+    let stop = rig.dir.join("stop");
+    let loops = rig.load(&stop);
+    // Pause at once, check nothing moves, resume.
+    rig.push_async("v2", &["--strategy", "canary"]);
+    let out = rig.coord.cli(&["pause"]);
+    assert!(out.status.success(), "pause: {}", String::from_utf8_lossy(&out.stderr));
+    rig.wait_state(&["paused"]);
+    // The step in flight when the pause came finishes; no new one starts.
+    std::thread::sleep(Duration::from_millis(1500));
+    let held = rig.rollout()["step"].clone();
+    let versions = rig.versions();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(rig.rollout()["step"], held, "no step while paused");
+    assert_eq!(rig.versions(), versions, "nothing moves while paused");
+    assert!(rig.coord.cli(&["resume"]).status.success());
+    // Retarget mid-way: back to v1.
+    std::thread::sleep(Duration::from_millis(300));
+    rig.push_async("v1", &["--strategy", "canary"]);
+    rig.wait_state(&["done"]);
+    assert_eq!(rig.versions(), vec!["v1".to_owned(); 6], "pushing v1 again returns to v1");
+    // Abort a v3 rollout half-way (held by a pause): back to the last completed
+    // architecture (v1), the safe way.
+    rig.push_async("v3", &["--strategy", "canary"]);
+    assert!(rig.coord.cli(&["pause"]).status.success());
+    rig.wait_state(&["paused"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = rig.coord.cli(&["abort"]);
+    assert!(out.status.success(), "abort: {}", String::from_utf8_lossy(&out.stderr));
+    rig.wait_state(&["rolled-back"]);
+    let out = rig.coord.cli(&["abort"]);
+    assert_eq!(out.status.code(), Some(1), "nothing left to abort: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(rig.versions(), vec!["v1".to_owned(); 6], "abort returns to v1");
+    assert_no_loss(&finish(loops, &stop), "pause/retarget/abort");
+}
+
+#[test]
+fn killing_the_coordinator_mid_rollout_loses_nothing_and_it_completes() {
+    let seed: u64 = std::env::var("HITLESS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    println!("HITLESS_SEED={seed}");
+    let mut rig = Rig::new("chaos", 5);
+    let mut rng = seed;
+    for round in 0..3 {
+        let version = format!("v{}", round + 2);
+        let stop = rig.dir.join("stop");
+        let loops = rig.load(&stop);
+        rig.push_async(&version, &["--strategy", "rolling", "--max-surge", "1", "--max-unavailable", "0"]);
+        // xorshift: a reproducible kill moment in the first 1.5 s of the rollout.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let after = Duration::from_millis(100 + rng % 1400);
+        std::thread::sleep(after);
+        println!("round {round}: SIGKILL the coordinator {after:?} into the rollout");
+        rig.coord.kill();
+        std::thread::sleep(Duration::from_millis(200));
+        rig.coord.restart();
+        rig.wait_state(&["done"]);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_no_loss(&finish(loops, &stop), &format!("kill round {round} (seed {seed})"));
+        let v = rig.versions();
+        assert_eq!(v, vec![version.clone(); 6], "round {round} (seed {seed}): no instance orphaned or doubled");
+        let running: usize = rig.coord.json(&["status", "-o", "json"])["rollout"]["services"][0]["new_serving"]
+            .as_u64()
+            .unwrap_or(0) as usize;
+        assert_eq!(running, 6, "round {round} (seed {seed}): agents run exactly the target");
+    }
 }

@@ -92,6 +92,12 @@ pub fn promote(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
 /// strategy's care: drains before stops).
 pub fn abort(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
     change(shared, |r| {
+        if matches!(r.phase, Phase::Done | Phase::RolledBack) {
+            return Err(Status::failed_precondition(format!(
+                "the rollout is {}: nothing to abort; push the architecture you want instead",
+                r.phase.as_str()
+            )));
+        }
         let back = r.previous_yaml.clone().ok_or_else(|| {
             Status::failed_precondition("no completed architecture to return to; push the one you want instead")
         })?;

@@ -23,7 +23,8 @@ use crate::server::Shared;
 use crate::strategy::Gate;
 use crate::target::Target;
 
-/// Longest wait for a new instance to become healthy.
+/// Longest wait for a new instance to become healthy, unless the coordinator is told
+/// otherwise (`hitless coordinator --health-timeout`).
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Drain deadline when the architecture gives none.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -178,12 +179,23 @@ async fn execute(
     Ok(())
 }
 
+/// Every weight of the step in one registry change: agents swap the whole slot table at
+/// once, so traffic never passes through a moment where the old weights are down and
+/// the new ones not yet up (blue-green's switch, weighted's shares).
 fn weights(shared: &Shared, service: &str, ops: &ServiceOps) -> Result<(), String> {
-    for (address, w) in &ops.weights {
-        let key = (service.to_owned(), address.clone());
-        shared.mutate(|s| s.set_weight(&key, *w)).map_err(|e| e.message().to_owned())?;
+    if ops.weights.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    shared
+        .mutate(|s| {
+            let mut all = crate::registry::Changes::default();
+            for (address, w) in &ops.weights {
+                all.instances.extend(s.set_weight(&(service.to_owned(), address.clone()), *w)?.instances);
+            }
+            Ok(all)
+        })
+        .map(|_| ())
+        .map_err(|e| e.message().to_owned())
 }
 
 fn spec(svc: &hitless_model::Service, version: &str) -> pb::InstanceSpec {
@@ -231,7 +243,7 @@ async fn start(
         let msg = Msg::Start(pb::StartInstance {
             op_id: op_id.clone(),
             spec: Some(spec(svc, version)),
-            health_timeout_ms: HEALTH_TIMEOUT.as_millis() as u64,
+            health_timeout_ms: shared.health_timeout.as_millis() as u64,
         });
         shared.send_op(node, msg)?;
         pending.insert(op_id, node.clone());
@@ -241,7 +253,8 @@ async fn start(
     };
     // Instances already starting (an interrupted step): wait for them by address.
     let mut awaiting: Vec<String> = ops.await_healthy.clone();
-    let deadline = Instant::now() + HEALTH_TIMEOUT + Duration::from_secs(5);
+    let health_timeout = shared.health_timeout;
+    let deadline = Instant::now() + health_timeout + Duration::from_secs(5);
     // Some may be healthy already and only need registering.
     let running = shared.running();
     let healthy: Vec<&Observed> = observed
@@ -261,13 +274,13 @@ async fn start(
     while !pending.is_empty() || !awaiting.is_empty() {
         let wait = deadline.saturating_duration_since(Instant::now());
         if wait.is_zero() {
-            return Err(format!("instances of {service} did not report healthy within {HEALTH_TIMEOUT:?}"));
+            return Err(format!("instances of {service} did not report healthy within {health_timeout:?}"));
         }
         let (node, rep) = match tokio::time::timeout(wait, reports.recv()).await {
             Ok(Ok(x)) => x,
             Ok(Err(RecvError::Lagged(_))) => continue,
             Ok(Err(RecvError::Closed)) | Err(_) => {
-                return Err(format!("instances of {service} did not report healthy within {HEALTH_TIMEOUT:?}"))
+                return Err(format!("instances of {service} did not report healthy within {health_timeout:?}"))
             }
         };
         let ours = pending.contains_key(&rep.op_id) || awaiting.contains(&rep.address);

@@ -55,13 +55,14 @@ pub enum ServeError {
 pub async fn serve(
     listen: SocketAddr,
     data_dir: &Path,
+    health_timeout: Duration,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let store = Store::open(data_dir)?;
     let state = store.load()?;
     info!(revision = state.revision(), data_dir = %data_dir.display(), "registry loaded");
-    let shared = Shared::new(state, store);
+    let shared = Shared::new(state, store, health_timeout);
 
     let expiry = shared.clone();
     tokio::spawn(async move {

@@ -75,6 +75,8 @@ pub struct Shared {
     pub wake: Notify,
     /// Stopped instances kept `down` so that stale clients dialling them are still steered.
     tombstones: Mutex<BTreeMap<Key, Instant>>,
+    /// Longest wait for a new instance to become healthy.
+    pub health_timeout: Duration,
 }
 
 /// How long a stopped instance stays in the registry as `down`: clients whose registry
@@ -99,7 +101,7 @@ impl From<RegistryError> for Status {
 
 impl Shared {
     /// State loaded from `store`; every leased instance gets a full TTL of grace.
-    pub fn new(state: RegistryState, store: Store) -> Arc<Self> {
+    pub fn new(state: RegistryState, store: Store, health_timeout: Duration) -> Arc<Self> {
         let now = Instant::now();
         let leases = state
             .instances()
@@ -122,6 +124,7 @@ impl Shared {
             rollout: Mutex::new(rollout),
             wake: Notify::new(),
             tombstones: Mutex::new(BTreeMap::new()),
+            health_timeout,
         })
     }
 
