@@ -247,9 +247,19 @@ pub struct HoldSummary {
 impl Held {
     /// Opens `count` connections to `addr` from inside `cg`.
     pub fn open(cg: &Cgroup, addr: &str, count: u32) -> Self {
+        Self::open_with(cg, addr, count, &[])
+    }
+
+    /// Opens `count` keep-alive HTTP connections to `addr` from inside `cg`.
+    pub fn open_http(cg: &Cgroup, addr: &str, count: u32) -> Self {
+        Self::open_with(cg, addr, count, &["--http"])
+    }
+
+    fn open_with(cg: &Cgroup, addr: &str, count: u32, extra: &[&str]) -> Self {
         let mut child = cg
             .command(bin("hitless-probe"))
             .args(["hold", addr, "--count", &count.to_string()])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -367,3 +367,68 @@ fn killing_the_coordinator_mid_rollout_loses_nothing_and_it_completes() {
         assert_eq!(running, 6, "round {round} (seed {seed}): agents run exactly the target");
     }
 }
+
+/// Pids of the instances listening in `pool_prefix` (e.g. "127.166.0."), by address.
+fn pids(pool_prefix: &str) -> std::collections::BTreeMap<String, String> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-a", "-f", &format!("listen {pool_prefix}")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let pid = it.next()?.to_owned();
+            let addr = l.split("--listen ").nth(1)?.split_whitespace().next()?.to_owned();
+            Some((addr, pid))
+        })
+        .collect()
+}
+
+#[test]
+fn an_agent_killed_mid_rollout_adopts_its_instances_instead_of_restarting_them() {
+    let mut rig = Rig::new("adopt", 6);
+    let stop = rig.dir.join("stop");
+    let loops = rig.load(&stop);
+    rig.push_async("v2", &["--strategy", "canary"]);
+    assert!(rig.coord.cli(&["pause"]).status.success());
+    rig.wait_state(&["paused"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = pids("127.166.0.");
+    assert!(!before.is_empty(), "node 0 runs instances");
+    rig.nodes[0].kill_agent();
+    std::thread::sleep(Duration::from_millis(300));
+    rig.nodes[0].spawn_agent();
+    rig.coord.wait_synced(3);
+    assert_eq!(pids("127.166.0."), before, "the restarted agent adopted its instances: same addresses, same pids");
+    assert!(rig.coord.cli(&["resume"]).status.success());
+    rig.wait_state(&["done"]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_no_loss(&finish(loops, &stop), "agent restart mid-rollout");
+    assert_eq!(rig.versions(), vec!["v2".to_owned(); 6]);
+    assert_eq!(pids("127.166.0.").len(), 2, "node 0 runs exactly its 2 instances: none orphaned or doubled");
+}
+
+#[test]
+fn a_draining_instance_stops_when_its_connections_close_or_at_its_deadline() {
+    let rig = Rig::new("conns", 7);
+    let v1 = instances(&rig.coord);
+    let early = v1[0]["address"].as_str().expect("address").to_owned();
+    let late = v1[1]["address"].as_str().expect("address").to_owned();
+    // Long-lived connections (clients that dialled the instances before the rollout).
+    let released = hitless_tests::Held::open_http(&rig.nodes[1].cgroup, &early, 3);
+    let _kept = hitless_tests::Held::open_http(&rig.nodes[1].cgroup, &late, 2);
+    rig.push_async("v2", &["--strategy", "rolling", "--max-surge", "6", "--max-unavailable", "0"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let h = released.release();
+    assert_eq!(h.still_working, 3, "open connections keep working while their instance drains: {h:?}");
+    let r = rig.wait_state(&["done"]);
+    let log = r["log"].as_array().cloned().unwrap_or_default();
+    let line = |addr: &str| {
+        log.iter().filter_map(|l| l.as_str()).find(|l| l.contains(addr) && l.contains("stopped")).map(str::to_owned)
+    };
+    let e = line(&early).unwrap_or_else(|| panic!("no stop report for {early}: {r}"));
+    let l = line(&late).unwrap_or_else(|| panic!("no stop report for {late}: {r}"));
+    assert!(e.contains("Connections"), "{early} stopped once its connections closed: {e}");
+    assert!(l.contains("Deadline"), "{late} stopped at its drain deadline: {l}");
+}

@@ -61,9 +61,12 @@ pub async fn run(shared: Arc<Shared>) {
                 r.note(format!("target reached after {} steps", r.step));
                 info!(rollout = %r.id, steps = r.step, "rollout done");
             }
-            Ok(Outcome::Stepped { gate, line }) => {
+            Ok(Outcome::Stepped { gate, line, stops }) => {
                 r.step += 1;
                 r.note(format!("step {}: {line} ({} ms)", r.step, started.elapsed().as_millis()));
+                for s in stops {
+                    r.note(format!("  stopped {s}"));
+                }
                 if let Some(Gate::Approval) = gate {
                     r.phase = Phase::Waiting;
                     r.message = format!("approval after step {}: hitless promote (or abort)", r.step);
@@ -86,7 +89,7 @@ pub async fn run(shared: Arc<Shared>) {
 
 enum Outcome {
     Done,
-    Stepped { gate: Option<Gate>, line: String },
+    Stepped { gate: Option<Gate>, line: String, stops: Vec<String> },
 }
 
 /// What runs, for the services of `arch` and any service with instances run by agents.
@@ -126,17 +129,52 @@ async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, String> {
     let target = Target::new(&arch);
     let (strategy, gates) = r.strategy.build().map_err(|p| p.join("; "))?;
     ensure_services(shared, &arch)?;
+    wait_for_nodes(shared).await?;
     let observed = observe(shared);
     let Some(step) = next_step(&observed, &target, &strategy) else { return Ok(Outcome::Done) };
     let mut line = Vec::new();
+    let mut stops = Vec::new();
     for (service, ops) in &step.services {
         let svc = arch.services.iter().find(|s| s.name == *service);
-        execute(shared, r, service, svc, ops, &observed).await?;
+        stops.extend(execute(shared, r, service, svc, ops, &observed).await?);
         line.push(format!("{service}: +{} -{} weights {}", ops.start.len(), ops.stop.len(), ops.weights.len()));
     }
     let next = r.step as usize + 1;
     let gate = step.gate.or_else(|| gates.iter().find(|g| g.step == next).map(|g| g.gate.clone()));
-    Ok(Outcome::Stepped { gate, line: line.join(", ") })
+    Ok(Outcome::Stepped { gate, line: line.join(", "), stops })
+}
+
+/// Longest wait for the agents of nodes that run instances to (re)connect.
+pub const NODE_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until every node that runs registered instances has its agent connected: what
+/// runs is only known from the agents, and deciding without a node's report would
+/// start its instances a second time (after a coordinator restart, agents take a moment
+/// to redial).
+async fn wait_for_nodes(shared: &Shared) -> Result<(), String> {
+    let deadline = Instant::now() + NODE_WAIT;
+    loop {
+        let wanted: std::collections::BTreeSet<String> = shared
+            .snapshot()
+            .instances
+            .iter()
+            .filter(|i| !i.node.is_empty() && i.state() != pb::InstanceState::Down)
+            .map(|i| i.node.clone())
+            .collect();
+        let nodes = shared.nodes();
+        let missing: Vec<&String> = wanted.iter().filter(|n| !nodes.get(*n).is_some_and(|x| x.connected)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+            return Err(format!(
+                "nodes {} run instances but their agents are not connected; start them or move the instances",
+                names.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The registry carries every target service with its VIPs.
@@ -160,23 +198,24 @@ async fn execute(
     svc: Option<&hitless_model::Service>,
     ops: &ServiceOps,
     observed: &[Observed],
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
+    let mut reports = Vec::new();
     let node_of: BTreeMap<&str, &str> =
         observed.iter().filter(|o| o.service == service).map(|o| (o.address.as_str(), o.node.as_str())).collect();
     if ops.start_first {
         start(shared, r, service, svc, ops, observed).await?;
         weights(shared, service, ops)?;
         for a in &ops.stop {
-            stop(shared, service, a, node_of.get(a.as_str()).copied(), svc).await?;
+            reports.push(stop(shared, service, a, node_of.get(a.as_str()).copied(), svc).await?);
         }
     } else {
         for a in &ops.stop {
-            stop(shared, service, a, node_of.get(a.as_str()).copied(), svc).await?;
+            reports.push(stop(shared, service, a, node_of.get(a.as_str()).copied(), svc).await?);
         }
         start(shared, r, service, svc, ops, observed).await?;
         weights(shared, service, ops)?;
     }
-    Ok(())
+    Ok(reports)
 }
 
 /// Every weight of the step in one registry change: agents swap the whole slot table at
@@ -333,8 +372,9 @@ async fn stop(
     address: &str,
     node: Option<&str>,
     svc: Option<&hitless_model::Service>,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let key = (service.to_owned(), address.to_owned());
+    let mut detail = format!("{service} {address}: not run by any agent");
     if shared.instance(&key).is_some() {
         let d = barrier(shared, key.clone(), pb::InstanceState::Draining, Duration::from_secs(10))
             .await
@@ -364,6 +404,7 @@ async fn stop(
                 Ok(Ok((_, rep))) if rep.address == address && rep.service == service => match rep.phase() {
                     pb::InstancePhase::Stopped | pb::InstancePhase::Crashed => {
                         info!(%service, %address, %node, report = %rep.detail, "instance stopped");
+                        detail = format!("{service} {address} on {node}: {}", rep.detail);
                         break;
                     }
                     _ => {}
@@ -378,5 +419,5 @@ async fn stop(
         // address is steered to a sibling rather than refused.
         shared.bury(&key).map_err(|e| e.message().to_owned())?;
     }
-    Ok(())
+    Ok(detail)
 }

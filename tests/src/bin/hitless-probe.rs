@@ -52,6 +52,9 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// The server speaks HTTP: hold keep-alive connections and check them with GETs.
+        #[arg(long)]
+        http: bool,
     },
     /// HTTP GETs (one connection each) until the stop file exists; prints a summary
     /// whose `backends` are the response bodies (version and address).
@@ -138,7 +141,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&s)?);
             Ok(())
         }
-        Cmd::Hold { addr, count } => hold(addr, count),
+        Cmd::Hold { addr, count, http } => hold(addr, count, http),
         Cmd::HttpLoop { addr, stop_file, max_secs, pause_ms } => {
             let mut s = Summary::default();
             let end = Instant::now() + Duration::from_secs(max_secs);
@@ -267,16 +270,45 @@ struct HoldSummary {
     backends: BTreeMap<String, u64>,
 }
 
-fn hold(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
+/// One HTTP/1.1 keep-alive GET on an open connection; returns the body.
+fn http_get(c: &mut TcpStream, r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    c.write_all(b"GET / HTTP/1.1\r\nHost: hitless\r\n\r\n")?;
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("bad status {status:?}")));
+    }
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
+}
+
+fn hold(addr: SocketAddr, count: u32, http: bool) -> anyhow::Result<()> {
     let mut conns = Vec::new();
     let mut sum = HoldSummary::default();
     for _ in 0..count {
-        let c = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        let mut c = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         c.set_read_timeout(Some(TIMEOUT))?;
         let mut r = BufReader::new(c.try_clone()?);
-        let mut line = String::new();
-        r.read_line(&mut line)?;
-        *sum.backends.entry(line.trim().to_owned()).or_default() += 1;
+        let who = if http {
+            http_get(&mut c, &mut r)?
+        } else {
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            line.trim().to_owned()
+        };
+        *sum.backends.entry(who).or_default() += 1;
         conns.push((c, r));
         sum.opened += 1;
     }
@@ -286,8 +318,13 @@ fn hold(addr: SocketAddr, count: u32) -> anyhow::Result<()> {
     let mut sink = String::new();
     let _ = std::io::stdin().read_to_string(&mut sink);
     for (c, r) in &mut conns {
-        let mut line = String::new();
-        if c.write_all(b"still there?\n").is_ok() && r.read_line(&mut line).is_ok() && line == "still there?\n" {
+        let ok = if http {
+            http_get(c, r).is_ok()
+        } else {
+            let mut line = String::new();
+            c.write_all(b"still there?\n").is_ok() && r.read_line(&mut line).is_ok() && line == "still there?\n"
+        };
+        if ok {
             sum.still_working += 1;
         }
     }

@@ -86,7 +86,7 @@ fn main() {
         }
         conns.retain(|h| !h.is_finished());
         let shared = Arc::clone(&shared);
-        conns.push(std::thread::spawn(move || serve(stream, &shared)));
+        conns.push(spawn_without_sigterm(move || serve(stream, &shared)));
     }
     drop(listener);
     println!(
@@ -98,6 +98,23 @@ fn main() {
         let _ = h.join();
     }
     println!("hitless-testsvc: exiting");
+}
+
+/// Spawns a thread with SIGTERM blocked, so the signal always interrupts the accept loop's
+/// poll in the main thread rather than a connection's read.
+fn spawn_without_sigterm(f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    // SAFETY: plain signal-set manipulation on local sets; the thread inherits the mask
+    // in force while it is created, and the main thread's mask is restored right after.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        let handle = std::thread::spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        handle
+    }
 }
 
 struct Shared {
