@@ -48,6 +48,8 @@ enum Command {
     Promote,
     /// Return to the last completed architecture, the safe way.
     Abort,
+    /// Print the running architecture as an architecture file (for `plan --current`).
+    Pull,
 }
 
 #[derive(Args)]
@@ -129,6 +131,7 @@ fn main() -> ExitCode {
         Command::Resume => remote::control(url, "resume").map_err(Failure::from),
         Command::Promote => remote::control(url, "promote").map_err(Failure::from),
         Command::Abort => remote::control(url, "abort").map_err(Failure::from),
+        Command::Pull => remote::pull(url).map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -317,6 +317,23 @@ fn progress_line(r: &pb::RolloutStatus) -> String {
     line
 }
 
+/// `pull`: prints the running architecture as an architecture file.
+pub fn pull(url: &str) -> Result<(), RemoteError> {
+    runtime()?.block_on(async {
+        let mut client = CoordinatorClient::new(channel(url).await?);
+        let r = client
+            .pull(pb::PullRequest {})
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::FailedPrecondition => RemoteError::Failed(anyhow::anyhow!("pull: {}", s.message())),
+                _ => status_error(s),
+            })?
+            .into_inner();
+        print!("{}", r.architecture_yaml);
+        Ok(())
+    })
+}
+
 /// `pause`, `resume`, `promote`, `abort`.
 pub fn control(url: &str, what: &str) -> Result<(), RemoteError> {
     runtime()?.block_on(async {

@@ -109,6 +109,37 @@ pub fn abort(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
     })
 }
 
+/// `pull`: the running architecture, as an architecture file: each service of the last
+/// pushed target with the version most of its instances run and where they run now.
+pub fn pull(shared: &Shared) -> Result<String, Status> {
+    let r = shared.rollout().ok_or_else(|| {
+        Status::failed_precondition("nothing was deployed through hitless yet: push an architecture first")
+    })?;
+    let arch = r.target().map_err(Status::internal)?;
+    let observed = run::observe(shared);
+    let mut services = Vec::new();
+    for s in &arch.services {
+        let mine: Vec<&decide::Observed> = observed
+            .iter()
+            .filter(|o| o.service == s.name && o.state == hitless_model::InstanceState::Serving)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let mut versions: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+        let mut placement: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+        for o in &mine {
+            *versions.entry(o.version.as_str()).or_default() += 1;
+            *placement.entry(o.node.clone()).or_default() += 1;
+        }
+        let version =
+            versions.iter().max_by_key(|(v, n)| (**n, *v)).map_or(s.version.clone(), |(v, _)| (*v).to_owned());
+        services.push(hitless_model::Service { version, placement, ..s.clone() });
+    }
+    let running = Architecture { nodes: arch.nodes.clone(), services };
+    serde_yaml::to_string(&running).map_err(|e| Status::internal(format!("rendering the architecture: {e}")))
+}
+
 /// The rollout as `status` shows it.
 pub fn status(shared: &Shared) -> Option<pb::RolloutStatus> {
     let r = shared.rollout()?;

@@ -184,8 +184,6 @@ impl coordinator_server::Coordinator for ControlApi {
     }
 
     async fn pull(&self, _req: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {
-        Err(Status::unimplemented(
-            "pull: the running architecture comes from the instances agents run, which arrives with the rollout engine",
-        ))
+        Ok(Response::new(pb::PullResponse { architecture_yaml: crate::engine::pull(&self.shared)? }))
     }
 }
