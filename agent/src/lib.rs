@@ -13,6 +13,7 @@ pub mod desired;
 pub mod driver;
 pub mod link;
 pub mod loader;
+pub mod metrics;
 pub mod static_mode;
 pub mod sys;
 pub mod writer;

@@ -158,6 +158,8 @@ pub struct Site {
     pub driver: Option<Arc<Driver>>,
     /// The node's pin directory (the stop sequence reads open connections there).
     pub pin_dir: PathBuf,
+    /// Labels and error count for `/metrics`.
+    pub metrics: Arc<crate::metrics::State>,
 }
 
 /// Runs sessions forever, redialling with backoff; the maps keep the last state in
@@ -166,6 +168,7 @@ pub async fn run(url: String, node: String, mut writer: Writer, site: Site) -> !
     let mut backoff = MIN_BACKOFF;
     loop {
         let e = session(&url, &node, &mut writer, &site, &mut backoff).await;
+        site.metrics.error();
         let held = writer.maps().revision().unwrap_or(0);
         warn!(%node, error = %e, revision = held, retry_ms = backoff.as_millis() as u64, "no coordinator session; steering with the state in force");
         tokio::time::sleep(backoff).await;
@@ -245,7 +248,9 @@ async fn session_inner(
             None => continue,
         };
         let started = std::time::Instant::now();
-        let report = writer.apply(&desired::from_registry(&next.to_registry()), next.revision)?;
+        let reg = next.to_registry();
+        let report = writer.apply(&desired::from_registry(&reg), next.revision)?;
+        site.metrics.update(node, &reg, writer);
         info!(
             %node,
             revision = next.revision,

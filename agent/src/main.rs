@@ -64,6 +64,9 @@ struct RunArgs {
     /// Where programs and maps are pinned (default /sys/fs/bpf/hitless/NODE).
     #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9477), at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -198,10 +201,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(?cap, "reused maps keep the capacities they were created with; detach the node to change them");
     }
     let mut writer = Writer::new(maps)?;
+    let metrics = Arc::new(hitless_agent::metrics::State::default());
+    if let Some(addr) = args.metrics_addr {
+        let bound = hitless_agent::metrics::serve(addr, pin_dir.clone(), metrics.clone())
+            .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+        info!(node, %bound, "metrics at http://{bound}/metrics");
+    }
     match source {
         Source::File(file, reg) => {
-            static_mode::apply(&mut writer, &reg)?;
-            static_mode::watch(&file, &mut writer, Duration::from_millis(args.poll_ms.max(1)))
+            static_mode::apply(&mut writer, &reg, &metrics, node)?;
+            static_mode::watch(&file, &mut writer, Duration::from_millis(args.poll_ms.max(1)), &metrics, node)
         }
         Source::Coordinator(url) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -215,7 +224,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let site = link::Site { driver, pin_dir: pin_dir.clone() };
+            let site = link::Site { driver, pin_dir: pin_dir.clone(), metrics };
             rt.block_on(link::run(url, node.to_owned(), writer, site))
         }
     }

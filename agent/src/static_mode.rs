@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
 
-use crate::desired;
+use crate::{desired, metrics};
 use hitless_model::ModelError;
 
 use crate::registry::Registry;
@@ -63,11 +63,12 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// Applies `reg` as the next revision and logs the outcome.
-pub fn apply(writer: &mut Writer, reg: &Registry) -> Result<u64, WriteError> {
+/// Applies `reg` as the next revision, refreshes the metrics' labels, logs the outcome.
+pub fn apply(writer: &mut Writer, reg: &Registry, metrics: &metrics::State, node: &str) -> Result<u64, WriteError> {
     let revision = writer.maps().revision()? + 1;
     let started = std::time::Instant::now();
-    let report = writer.apply(&desired::from_registry(reg), revision)?;
+    let report = writer.apply(&desired::from_registry(reg), revision).inspect_err(|_| metrics.error())?;
+    metrics.update(node, reg, writer);
     info!(
         revision,
         services = report.services,
@@ -83,7 +84,7 @@ pub fn apply(writer: &mut Writer, reg: &Registry) -> Result<u64, WriteError> {
 
 /// Watches `path` forever, applying each valid change. An invalid file is logged with
 /// every problem and the last good state stays in force.
-pub fn watch(path: &Path, writer: &mut Writer, poll: Duration) -> ! {
+pub fn watch(path: &Path, writer: &mut Writer, poll: Duration, metrics: &metrics::State, node: &str) -> ! {
     let mut last_stamp = stamp(path);
     let mut last_text = std::fs::read_to_string(path).ok();
     loop {
@@ -103,11 +104,12 @@ pub fn watch(path: &Path, writer: &mut Writer, poll: Duration) -> ! {
         last_text = Some(text.clone());
         match Registry::parse(&text) {
             Ok(reg) => {
-                if let Err(e) = apply(writer, &reg) {
+                if let Err(e) = apply(writer, &reg, metrics, node) {
                     error!(file = %path.display(), error = %e, "registry not applied; the state in force is unchanged or safely partial, and the next change retries");
                 }
             }
             Err(e) => {
+                metrics.error();
                 for p in e.problems() {
                     error!(file = %path.display(), field = %p.path, problem = %p.problem, fix = %p.fix, "invalid registry file; keeping the state in force");
                 }

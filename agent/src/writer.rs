@@ -180,6 +180,23 @@ impl Maps {
         self.active.get(ep, 0).unwrap_or(0).max(0)
     }
 
+    /// Whether the kernel has counted connections for the local backend at `ep`.
+    pub fn has_active_entry(&self, ep: &Endpoint) -> bool {
+        self.active.get(ep, 0).is_ok()
+    }
+
+    /// Entries and capacity of each map the agent writes: (name, entries, capacity).
+    pub fn fill(&self) -> Vec<(&'static str, usize, usize)> {
+        vec![
+            (names::FRONTENDS, self.frontends.keys().count(), self.capacity.vips),
+            (names::SERVICES, self.services.keys().count(), self.capacity.services),
+            (names::SLOTS, self.slots.keys().count(), self.capacity.slots),
+            (names::BACKENDS, self.backends.keys().count(), self.capacity.backends),
+            (names::BACKEND_ADDR, self.backend_addr.keys().count(), self.capacity.backends),
+            (names::ACTIVE, self.active.keys().count(), self.capacity.backends),
+        ]
+    }
+
     /// Counters of a service id, summed over CPUs.
     pub fn counters(&self, service_id: u32) -> Counters {
         let mut sum = Counters::default();

@@ -1,0 +1,176 @@
+//! `/metrics`: what the kernel counted, in Prometheus text format.
+//!
+//! Every scrape reads the pinned maps afresh (per-CPU counters summed, active
+//! connections per local backend, map fill) and renders them with the labels the last
+//! apply left in [`Labels`]: the kernel's counters are the source of truth, so a
+//! restarted agent reports the same totals. Served by a small thread on
+//! `--metrics-addr`; nothing here writes a map.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry as PromRegistry, TextEncoder};
+use tracing::{info, warn};
+
+use crate::abi::{self, Endpoint};
+use crate::registry::{Protocol, Registry};
+use crate::writer::{Maps, Writer};
+
+/// What the metrics are labelled with, refreshed after every apply.
+#[derive(Debug, Default)]
+pub struct Labels {
+    /// Node name.
+    pub node: String,
+    /// Service id -> service name.
+    pub services: Vec<(u32, String)>,
+    /// Backend -> (service, version).
+    pub backends: Vec<(Endpoint, String, String)>,
+}
+
+/// Shared between the applier (writes labels, counts errors) and the scrape thread.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Labels of the state in force.
+    pub labels: Mutex<Labels>,
+    /// Applies that failed (bad files, map writes, sessions that broke).
+    pub reconcile_errors: AtomicU64,
+}
+
+impl State {
+    /// Refreshes the labels after `reg` was applied through `writer`.
+    pub fn update(&self, node: &str, reg: &Registry, writer: &Writer) {
+        let mut l = Labels { node: node.to_owned(), ..Labels::default() };
+        for s in &reg.services {
+            if let Some(id) = writer.service_id(&s.name) {
+                l.services.push((id, s.name.clone()));
+            }
+            let proto = match s.protocol {
+                Protocol::Tcp => abi::PROTO_TCP,
+                Protocol::Udp => abi::PROTO_UDP,
+            };
+            for b in &s.backends {
+                l.backends.push((
+                    Endpoint::new(b.address, proto),
+                    s.name.clone(),
+                    b.version.clone().unwrap_or_default(),
+                ));
+            }
+        }
+        if let Ok(mut labels) = self.labels.lock() {
+            *labels = l;
+        }
+    }
+
+    /// Counts a failed apply.
+    pub fn error(&self) {
+        self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The text of one scrape.
+pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
+    let labels = state.labels.lock().map_err(|_| prometheus::Error::Msg("labels lock poisoned".into()))?;
+    let node = labels.node.as_str();
+    let reg = PromRegistry::new();
+    let counter = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+        let c = IntCounterVec::new(Opts::new(name, help), &["node", "service"])?;
+        reg.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
+    let steered =
+        counter("hitless_connects_steered_total", "Connects and datagrams to a VIP sent to a serving backend.")?;
+    let redirected = counter(
+        "hitless_connects_redirected_total",
+        "Connects dialled straight to a draining or down instance, steered to a serving sibling.",
+    )?;
+    let refused =
+        counter("hitless_connects_refused_total", "Connects refused at once: no serving backend, or policy reject.")?;
+    let passed = counter(
+        "hitless_connects_passed_to_draining_total",
+        "Connects dialled straight to a draining instance and let through (no serving sibling).",
+    )?;
+    for (id, name) in &labels.services {
+        let c = maps.counters(*id);
+        steered.with_label_values(&[node, name]).inc_by(c.steered);
+        redirected.with_label_values(&[node, name]).inc_by(c.redirected);
+        refused.with_label_values(&[node, name]).inc_by(c.refused);
+        passed.with_label_values(&[node, name]).inc_by(c.passed_draining);
+    }
+    let active = IntGaugeVec::new(
+        Opts::new("hitless_active_connections", "Open server-side connections of an instance on this node."),
+        &["node", "service", "instance", "version"],
+    )?;
+    reg.register(Box::new(active.clone()))?;
+    for (ep, service, version) in &labels.backends {
+        if ep.proto == abi::PROTO_TCP && maps.has_active_entry(ep) {
+            let addr = ep.socket_addr().to_string();
+            active.with_label_values(&[node, service, &addr, version]).set(maps.active_connections(ep));
+        }
+    }
+    let revision = IntGaugeVec::new(
+        Opts::new("hitless_agent_applied_revision", "Registry revision the node's maps hold."),
+        &["node"],
+    )?;
+    reg.register(Box::new(revision.clone()))?;
+    revision.with_label_values(&[node]).set(maps.revision().map_or(0, |r| r as i64));
+    let entries =
+        IntGaugeVec::new(Opts::new("hitless_agent_map_entries", "Entries in a datapath map."), &["node", "map"])?;
+    let capacity =
+        IntGaugeVec::new(Opts::new("hitless_agent_map_capacity", "Capacity of a datapath map."), &["node", "map"])?;
+    reg.register(Box::new(entries.clone()))?;
+    reg.register(Box::new(capacity.clone()))?;
+    for (map, n, cap) in maps.fill() {
+        entries.with_label_values(&[node, map]).set(n as i64);
+        capacity.with_label_values(&[node, map]).set(cap as i64);
+    }
+    let errors = IntCounterVec::new(
+        Opts::new("hitless_agent_reconcile_errors_total", "Applies that failed (the state in force was kept)."),
+        &["node"],
+    )?;
+    reg.register(Box::new(errors.clone()))?;
+    errors.with_label_values(&[node]).inc_by(state.reconcile_errors.load(Ordering::Relaxed));
+    drop(labels);
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&reg.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Serves `/metrics` on `addr` from a thread; returns the bound address.
+pub fn serve(addr: SocketAddr, pin_dir: PathBuf, state: Arc<State>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    info!(%bound, "metrics listening");
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            if let Err(e) = answer(conn, &pin_dir, &state) {
+                warn!(error = %e, "metrics request failed");
+            }
+        }
+    })?;
+    Ok(bound)
+}
+
+fn answer(mut conn: TcpStream, pin_dir: &std::path::Path, state: &State) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let (status, body) = if line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?") {
+        match Maps::open(pin_dir).map_err(|e| e.to_string()).and_then(|m| render(&m, state).map_err(|e| e.to_string()))
+        {
+            Ok(text) => ("200 OK", text),
+            Err(e) => ("503 Service Unavailable", format!("datapath maps unreadable: {e}\n")),
+        }
+    } else {
+        ("404 Not Found", "try /metrics\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body.as_bytes())
+}

@@ -1,0 +1,85 @@
+//! `/metrics` counts exactly what the kernel did. Run as root.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use hitless_tests::{connects, serve, Held, Node};
+
+/// One scrape as `name{labels}` -> value.
+fn scrape(addr: &str) -> BTreeMap<String, f64> {
+    let mut c = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("response");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn value(m: &BTreeMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.iter()
+        .filter(|(k, _)| {
+            k.starts_with(&format!("{name}{{")) && labels.iter().all(|(l, v)| k.contains(&format!("{l}=\"{v}\"")))
+        })
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+#[test]
+fn counters_and_gauges_move_by_exactly_what_the_test_did() {
+    let mut node = Node::new("metrics");
+    let addr = "127.135.1.1:9477";
+    node.agent_args(&["--metrics-addr", addr]);
+    let b1 = "127.135.0.1:8080";
+    let _srv = serve(Some(&node.cgroup), &[b1], &[]);
+    node.write_registry(&format!(
+        "services:\n  - name: cart\n    vips: [\"127.77.70.1:8080\"]\n    backends: [{{ address: \"{b1}\", version: v7 }}]\n  - name: empty\n    vips: [\"127.77.70.2:8080\"]\n    backends: [{{ address: \"127.135.0.2:8080\", state: down }}]\n"
+    ));
+    node.start_agent();
+    let before = scrape(addr);
+
+    let n = connects(Some(&node.cgroup), "127.77.70.1:8080", 300);
+    assert_eq!(n.ok, 300);
+    let m = connects(Some(&node.cgroup), "127.77.70.2:8080", 20);
+    assert_eq!(m.errors.get("ConnectionRefused"), Some(&20));
+    let held = Held::open(&node.cgroup, "127.77.70.1:8080", 4);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let s = scrape(addr);
+        if value(&s, "hitless_active_connections", &[("instance", b1)]) == 4.0 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let name = node.name.clone();
+    let delta = |metric: &str, service: &str| {
+        value(&after, metric, &[("service", service), ("node", &name)])
+            - value(&before, metric, &[("service", service), ("node", &name)])
+    };
+    assert_eq!(delta("hitless_connects_steered_total", "cart"), 304.0, "300 connects + 4 held");
+    assert_eq!(delta("hitless_connects_refused_total", "empty"), 20.0);
+    assert_eq!(delta("hitless_connects_refused_total", "cart"), 0.0);
+    assert_eq!(
+        value(&after, "hitless_active_connections", &[("instance", b1), ("version", "v7"), ("service", "cart")]),
+        4.0
+    );
+    assert_eq!(value(&after, "hitless_agent_applied_revision", &[("node", &name)]), node.revision() as f64);
+    assert_eq!(value(&after, "hitless_agent_map_entries", &[("map", "hl_frontends")]), 2.0);
+    assert!(value(&after, "hitless_agent_map_capacity", &[("map", "hl_frontends")]) > 2.0);
+    let h = held.release();
+    assert_eq!(h.still_working, 4);
+    // A bad file counts as a reconcile error and changes nothing.
+    node.write_registry("services: [{ name: cart, polcy: x }]\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while value(&scrape(addr), "hitless_agent_reconcile_errors_total", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "no reconcile error counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
