@@ -332,6 +332,23 @@ async fn a_restarted_agent_adopts_live_instances_and_reports_dead_ones() {
         fx.assert_gone(&d, info);
     }
     assert_eq!(d.start(spec("v3", &[])).unwrap().address.to_string(), fx.addr(1), "addresses freed");
+
+    // A cgroup `inst-*` without a record (nothing knows it) is emptied and removed.
+    drop(d);
+    let stray = fx.cgroup.join("inst-stray-1");
+    std::fs::create_dir(&stray).unwrap();
+    let script = format!("echo $$ > {}/cgroup.procs && exec sleep 30", stray.display());
+    let mut sleeper = std::process::Command::new("/bin/sh").args(["-c", &script]).spawn().unwrap();
+    let procs = stray.join("cgroup.procs");
+    eventually("stray process in its cgroup", Duration::from_secs(3), || {
+        !std::fs::read_to_string(&procs).unwrap_or_default().trim().is_empty()
+    });
+    let d = fx.driver();
+    let adopted = d.adopt();
+    assert_eq!(adopted.len(), 1, "only the v3 instance: {adopted:?}");
+    assert!(!stray.exists(), "stray cgroup removed");
+    let status = sleeper.wait().unwrap();
+    assert!(!status.success(), "stray process killed: {status:?}");
 }
 
 impl Fixture {
@@ -463,4 +480,78 @@ fn bad_inputs_are_refused_with_what_to_do() {
     assert!(err.contains("/nonexistent/program") && err.contains("run.command"), "{err}");
     assert!(d.list().is_empty(), "a failed start leaves nothing");
     assert_eq!(std::fs::read_dir(&fx.cgroup).unwrap().flatten().filter(|e| e.path().is_dir()).count(), 0);
+}
+
+/// One request on a kept-alive connection: (status, `Connection` header, body).
+fn request(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, String, String)> {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| {
+                l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    let mut body = vec![0u8; header("content-length").parse().unwrap_or(0)];
+    s.read_exact(&mut body)?;
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((code, header("connection"), String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test]
+async fn the_test_service_keeps_alive_resets_half_and_finishes_requests_on_sigterm() {
+    let fx = Fixture::new("testsvc", 10);
+    let d = fx.driver();
+    let mut s = spec("v9", &["--reset-half"]);
+    s.health = None; // TCP: its one accepted connection is the first of the service
+    let a = d.start(s).unwrap();
+    d.wait_healthy(&a.id, Duration::from_secs(5)).await.unwrap();
+    let addr = fx.addr(1);
+
+    // Every second connection is reset; the others answer request after request.
+    let mut kept = Vec::new();
+    let mut resets = 0;
+    for _ in 0..4 {
+        let mut c = TcpStream::connect((addr.as_str(), PORT)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        match request(&mut c, "/") {
+            Ok(answer) => {
+                assert_eq!(answer, (200, "keep-alive".to_string(), format!("v9 {addr}:{PORT}\n")));
+                assert_eq!(request(&mut c, "/healthz").unwrap().0, 200);
+                assert_eq!(request(&mut c, "/x").unwrap().2, format!("v9 {addr}:{PORT}\n"));
+                kept.push(c);
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                resets += 1;
+            }
+        }
+    }
+    assert_eq!((kept.len(), resets), (2, 2));
+
+    // SIGTERM: no new connections, open ones are answered (then closed) until the last goes.
+    // SAFETY: kill with a pid and a signal.
+    assert_eq!(unsafe { libc::kill(a.pid as i32, libc::SIGTERM) }, 0);
+    eventually("listener closed", Duration::from_secs(3), || TcpStream::connect((addr.as_str(), PORT)).is_err());
+    let mut last = kept.pop().unwrap();
+    assert_eq!(request(&mut kept[0], "/drain").unwrap().1, "close");
+    drop(kept);
+    assert!(alive(a.pid), "exited with a connection still open");
+    let (code, connection, _) = request(&mut last, "/").unwrap();
+    assert_eq!((code, connection.as_str()), (200, "close"));
+    let mut rest = Vec::new();
+    assert_eq!(last.read_to_end(&mut rest).unwrap(), 0, "closed after the answer");
+    eventually("exit", Duration::from_secs(3), || d.get(&a.id).unwrap().state == InstanceState::Crashed);
+    assert_eq!(d.get(&a.id).unwrap().exit.as_deref(), Some("exited with status 0"));
+    d.stop(&a.id, || 0).await.unwrap();
+    fx.assert_gone(&d, &a);
 }

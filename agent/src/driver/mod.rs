@@ -13,6 +13,7 @@
 //! grace → SIGKILL → cgroup, address and record removed. No fixed sleeps: each wait ends
 //! as soon as its condition holds.
 
+mod adopt;
 mod error;
 mod health;
 mod pool;
@@ -31,7 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hitless_model::{Health, PreStop, RunSpec};
 use tokio::time::{sleep, Instant};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use error::{DriverError, Failed};
 pub use pool::Pool;
@@ -60,6 +61,24 @@ pub struct InstanceSpec {
     pub grace: Duration,
     /// Configuration pairs, handed to the process as `HITLESS_CONFIG_<KEY>`.
     pub config: BTreeMap<String, String>,
+}
+
+impl InstanceSpec {
+    /// The spec of an instance of `service` as the architecture file declares it; a
+    /// service without a drain deadline gets `default_drain`.
+    pub fn from_service(service: &hitless_model::Service, default_drain: Duration, grace: Duration) -> Self {
+        Self {
+            service: service.name.clone(),
+            version: service.version.clone(),
+            port: service.port,
+            run: service.run.clone(),
+            health: service.health.clone(),
+            prestop: service.prestop.clone(),
+            drain_deadline: service.drain_deadline.map_or(default_drain, hitless_model::Duration::to_std),
+            grace,
+            config: service.config.clone(),
+        }
+    }
 }
 
 /// Where an instance is in its life.
@@ -164,62 +183,6 @@ impl Driver {
         })
     }
 
-    /// Takes over the instances a previous agent started that are still alive (record,
-    /// live main process and populated cgroup), and returns them. Instances whose process
-    /// is gone are cleaned up (leftover processes killed, cgroup and record removed, the
-    /// log kept) and returned as [`InstanceState::Crashed`]. Cgroups `inst-*` without a
-    /// record are killed and removed. Never restarts anything.
-    pub fn adopt(&self) -> Vec<InstanceInfo> {
-        let mut found = Vec::new();
-        let mut table = self.lock();
-        for (id, path) in self.record_files() {
-            if table.contains_key(&id) {
-                continue;
-            }
-            let rec = match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| Record::decode(&t)) {
-                Ok(rec) if rec.id == id => rec,
-                Ok(rec) => {
-                    error!(node = %self.node, record = %path.display(), inner = %rec.id, "instance record names another instance; left as it is, remove it by hand");
-                    continue;
-                }
-                Err(e) => {
-                    error!(node = %self.node, record = %path.display(), error = %e, "unreadable instance record; left as it is, remove it by hand once its instance is gone");
-                    continue;
-                }
-            };
-            let cg = self.cgroup_dir(&id);
-            let alive = process::alive_in(rec.pid, &self.cgroup_rel(&id)) && process::populated(&cg).unwrap_or(true);
-            let mut inst = Instance { rec, child: None, crashed: None, stopping: false };
-            if alive {
-                info!(node = %self.node, service = %inst.rec.spec.service, instance = %id, address = %inst.rec.address, pid = inst.rec.pid, phase = "adopt", "instance adopted");
-                found.push(self.info(&inst));
-                table.insert(id, inst);
-                continue;
-            }
-            let how = format!("process {} is gone", inst.rec.pid);
-            warn!(node = %self.node, service = %inst.rec.spec.service, instance = %id, address = %inst.rec.address, pid = inst.rec.pid, phase = "adopt", "instance died while no agent watched; cleaning up");
-            self.sweep(&id, &cg);
-            if let Err(e) = std::fs::remove_file(&path) {
-                error!(node = %self.node, instance = %id, record = %path.display(), error = %e, "cannot remove the record of a dead instance");
-            }
-            inst.crashed = Some(how);
-            found.push(self.info(&inst));
-        }
-        // Cgroups without a record: a start interrupted before its record was written is
-        // impossible (the record comes first), so these are leftovers; none may run on.
-        if let Ok(entries) = std::fs::read_dir(&self.workload) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Some(id) = name.strip_prefix("inst-") else { continue };
-                if !table.contains_key(id) && !Record::path(&self.state_dir, id).exists() {
-                    warn!(node = %self.node, instance = id, cgroup = %e.path().display(), phase = "adopt", "instance cgroup without a record; killing what it holds");
-                    self.sweep(id, &e.path());
-                }
-            }
-        }
-        found
-    }
-
     /// Starts an instance and returns at once ([`InstanceState::Starting`]): allocates
     /// an address, writes the record, creates the cgroup, and starts `run.command` (with
     /// `{address}` and `{port}` replaced) inside it, in its own session, output to its
@@ -262,7 +225,7 @@ impl Driver {
         let mut inst = Instance { rec, child: Some(child), crashed: None, stopping: false };
         if let Err(e) = inst.rec.save(&self.state_dir) {
             // Without a record a restarted agent would not know it: take it down again.
-            let _ = process::kill_all(&cg);
+            let _ = process::kill_all(&cg, &self.cgroup_rel(&id));
             if let Some(mut c) = inst.child.take() {
                 let _ = c.wait();
             }
@@ -411,20 +374,6 @@ impl Driver {
         }
     }
 
-    /// Kills whatever `cg` holds and removes it (bounded: 2 s), for dead instances.
-    fn sweep(&self, id: &str, cg: &Path) {
-        if let Err(e) = process::kill_all(cg) {
-            warn!(node = %self.node, instance = id, cgroup = %cg.display(), error = %e, "cannot kill leftover processes");
-        }
-        let until = std::time::Instant::now() + Duration::from_secs(2);
-        while process::populated(cg).unwrap_or(false) && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if let Err(e) = process::remove_cgroup(cg) {
-            error!(node = %self.node, instance = id, cgroup = %cg.display(), error = %e, "cannot remove the cgroup of a dead instance");
-        }
-    }
-
     fn env(&self, rec: &Record) -> Vec<(String, String)> {
         let s = &rec.spec;
         let mut env: Vec<(String, String)> = s.run.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -437,22 +386,6 @@ impl Driver {
             env.push((config_var(k), v.clone()));
         }
         env
-    }
-
-    fn record_files(&self) -> Vec<(String, PathBuf)> {
-        let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(&self.state_dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        let id = name.strip_suffix(record::SUFFIX).filter(|id| !id.starts_with('.'))?.to_string();
-                        Some((id, e.path()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
     }
 
     /// Addresses held by records on disk (instances not adopted yet keep theirs).

@@ -113,10 +113,17 @@ pub(crate) fn signal_all(cgroup: &Path, rel: &str, signal: i32, done: &mut BTree
     sent
 }
 
-/// Kills every process of `cgroup` and its descendants at once (`cgroup.kill`).
-pub(crate) fn kill_all(cgroup: &Path) -> io::Result<()> {
+/// Kills every process of `cgroup` (path `rel` from the cgroup v2 root): `cgroup.kill`
+/// where the kernel has it (Linux 5.14), else SIGKILL to each process. Call it until the
+/// cgroup is empty, so that the fallback also catches processes forked meanwhile.
+pub(crate) fn kill_all(cgroup: &Path, rel: &str) -> io::Result<()> {
     match std::fs::write(cgroup.join("cgroup.kill"), "1") {
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !cgroup.exists() => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if cgroup.exists() {
+                signal_all(cgroup, rel, libc::SIGKILL, &mut BTreeSet::new());
+            }
+            Ok(())
+        }
         other => other,
     }
 }

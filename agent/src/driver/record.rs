@@ -41,14 +41,16 @@ impl Record {
         state_dir.join(format!("{id}{SUFFIX}"))
     }
 
-    /// Writes the record atomically (temporary file, fsync, rename).
+    /// Writes the record atomically (temporary file, fsync, rename, fsync of the directory).
     pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
         let path = Self::path(state_dir, &self.id);
         let tmp = state_dir.join(format!(".{}{SUFFIX}.tmp", self.id));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(self.encode().as_bytes())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        std::fs::rename(&tmp, &path)?;
+        // The rename itself must survive a crash of the machine too.
+        std::fs::File::open(state_dir)?.sync_all()
     }
 
     /// The text of the record.

@@ -146,9 +146,10 @@ impl Driver {
         if killed {
             warn!(node, service, instance = id, address = %address, phase = "kill", grace_ms = rec.spec.grace.as_millis() as u64, "still running after the grace; SIGKILL");
             let kill_end = t_kill + KILL_WAIT;
-            let result = process::kill_all(&cg);
+            let mut result = process::kill_all(&cg, &rel);
             while result.is_ok() && populated() && Instant::now() < kill_end {
                 sleep(POLL).await;
+                result = process::kill_all(&cg, &rel);
             }
             let err = match result {
                 Err(source) => Some(DriverError::Cgroup { id: id.to_string(), path: cg.clone(), source }),
