@@ -16,6 +16,15 @@
 
 #define READ_CTX(field) (*(volatile __u32 *)&(field))
 
+/* A zeroed backend_stats, to insert new entries from (the value is too large for the
+ * BPF stack). Never written. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hl_backend_stats);
+} hl_stats_blank SEC(".maps");
+
 #ifndef AF_INET
 #define AF_INET 2
 #endif
@@ -97,6 +106,127 @@ static __always_inline void count_close(struct bpf_sock_ops *ctx)
 	bpf_sk_storage_delete(&hl_sk_mark, sk);
 }
 
+/* The client side: connects from this node to registered backends. */
+
+static __always_inline int remote_backend(struct bpf_sock_ops *ctx, struct hl_endpoint *ep)
+{
+	__u32 family = ctx->family, ip4 = ctx->remote_ip4;
+	__u32 ip6_0 = READ_CTX(ctx->remote_ip6[0]), ip6_1 = READ_CTX(ctx->remote_ip6[1]);
+	__u32 ip6_2 = READ_CTX(ctx->remote_ip6[2]), ip6_3 = READ_CTX(ctx->remote_ip6[3]);
+	/* sock_ops keeps the legacy layout: the network-order port sits in the
+	 * upper 16 bits of remote_port on little-endian machines. */
+	__u32 port = ctx->remote_port >> 16;
+
+	if (family == AF_INET) {
+		ep->addr[2] = bpf_htonl(0x0000ffff);
+		ep->addr[3] = ip4;
+	} else if (family == AF_INET6) {
+		ep->addr[0] = ip6_0;
+		ep->addr[1] = ip6_1;
+		ep->addr[2] = ip6_2;
+		ep->addr[3] = ip6_3;
+	} else {
+		return 0;
+	}
+	ep->port = (__u16)port;
+	ep->proto = IPPROTO_TCP;
+	return bpf_map_lookup_elem(&hl_backend_addr, ep) != NULL;
+}
+
+static __always_inline struct hl_backend_stats *stats_of(struct hl_endpoint *ep)
+{
+	struct hl_backend_stats *st = bpf_map_lookup_elem(&hl_backend_stats, ep);
+
+	if (st)
+		return st;
+	/* Too large for the stack: insert from the zero-filled per-CPU scratch. */
+	{
+		__u32 zero = 0;
+		struct hl_backend_stats *blank = bpf_map_lookup_elem(&hl_stats_blank, &zero);
+
+		if (!blank)
+			return NULL;
+		bpf_map_update_elem(&hl_backend_stats, ep, blank, BPF_NOEXIST);
+	}
+	return bpf_map_lookup_elem(&hl_backend_stats, ep);
+}
+
+static __always_inline void connect_started(struct bpf_sock_ops *ctx)
+{
+	struct hl_endpoint ep = {};
+	struct hl_sk_conn *c;
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk || !remote_backend(ctx, &ep))
+		return;
+	c = bpf_sk_storage_get(&hl_sk_conn, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!c)
+		return;
+	c->ep = ep;
+	c->established = 0;
+	c->start_ns = bpf_ktime_get_ns();
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void connect_done(struct bpf_sock_ops *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct hl_backend_stats *st;
+	struct hl_sk_conn *c;
+	__u64 us, v;
+	__u32 b = 0;
+
+	if (!sk)
+		return;
+	c = bpf_sk_storage_get(&hl_sk_conn, sk, 0, 0);
+	if (!c)
+		return;
+	c->established = 1;
+	st = stats_of(&c->ep);
+	if (!st)
+		return;
+	us = (bpf_ktime_get_ns() - c->start_ns) / 1000;
+	v = us;
+	/* log2, bounded for the verifier. */
+#pragma unroll
+	for (int i = 0; i < HL_LAT_BUCKETS - 1; i++) {
+		if (v >= 2) {
+			v >>= 1;
+			b++;
+		}
+	}
+	st->connects++;
+	st->latency_us_sum += us;
+	if (b < HL_LAT_BUCKETS)
+		st->latency[b]++;
+}
+
+static __always_inline void connect_closed(struct bpf_sock_ops *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct hl_backend_stats *st;
+	struct hl_sk_conn *c;
+
+	if (!sk)
+		return;
+	c = bpf_sk_storage_get(&hl_sk_conn, sk, 0, 0);
+	if (!c)
+		return;
+	st = stats_of(&c->ep);
+	if (st) {
+		if (!c->established) {
+			st->failed++;
+		} else {
+			st->closed++;
+			st->retrans += ctx->total_retrans;
+			st->bytes_in += ctx->bytes_received;
+			st->bytes_out += ctx->bytes_acked;
+			st->srtt_us_sum += ctx->srtt_us >> 3;
+		}
+	}
+	bpf_sk_storage_delete(&hl_sk_conn, sk);
+}
+
 SEC("sockops")
 int hl_sockops(struct bpf_sock_ops *ctx)
 {
@@ -104,11 +234,19 @@ int hl_sockops(struct bpf_sock_ops *ctx)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		count_open(ctx);
 		break;
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		connect_started(ctx);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		connect_done(ctx);
+		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		/* args[1] is the new state. */
 		if (ctx->args[1] == BPF_TCP_FIN_WAIT1 || ctx->args[1] == BPF_TCP_LAST_ACK ||
 		    ctx->args[1] == BPF_TCP_CLOSE)
 			count_close(ctx);
+		if (ctx->args[1] == BPF_TCP_CLOSE)
+			connect_closed(ctx);
 		break;
 	}
 	return 1;

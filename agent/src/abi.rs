@@ -176,6 +176,52 @@ pub struct Counters {
     pub passed_draining: u64,
 }
 
+/// Buckets of the connect latency histogram: bucket `b` counts connects that took
+/// `[2^b, 2^(b+1))` µs (the first also below 1 µs, the last everything above).
+pub const LAT_BUCKETS: usize = 16;
+
+/// `hl_backend_stats` value, one per CPU per remote backend: what this node's clients
+/// saw of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendStats {
+    /// Connects that established.
+    pub connects: u64,
+    /// Connects that never established (refused, reset, timed out).
+    pub failed: u64,
+    /// Established connections that closed.
+    pub closed: u64,
+    /// Retransmits of the closed connections.
+    pub retrans: u64,
+    /// Bytes received on the closed connections.
+    pub bytes_in: u64,
+    /// Bytes acked on the closed connections.
+    pub bytes_out: u64,
+    /// Smoothed RTT at close, µs, summed over closed connections.
+    pub srtt_us_sum: u64,
+    /// Connect latency, µs, summed over connects.
+    pub latency_us_sum: u64,
+    /// Connect latency histogram.
+    pub latency: [u64; LAT_BUCKETS],
+}
+
+impl BackendStats {
+    /// Adds another CPU's share.
+    pub fn add(&mut self, o: &Self) {
+        self.connects += o.connects;
+        self.failed += o.failed;
+        self.closed += o.closed;
+        self.retrans += o.retrans;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.srtt_us_sum += o.srtt_us_sum;
+        self.latency_us_sum += o.latency_us_sum;
+        for (a, b) in self.latency.iter_mut().zip(o.latency.iter()) {
+            *a += *b;
+        }
+    }
+}
+
 /// `hl_meta` value: the revision the maps hold.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -205,6 +251,8 @@ unsafe impl aya::Pod for Rev {}
 unsafe impl aya::Pod for Counters {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Meta {}
+// SAFETY: as above.
+unsafe impl aya::Pod for BackendStats {}
 
 // The same numbers as the _Static_asserts in hitless_types.h.
 const _: () = {
@@ -230,6 +278,8 @@ const _: () = {
     assert!(size_of::<Rev>() == 20);
     assert!(size_of::<Counters>() == 32);
     assert!(size_of::<Meta>() == 16);
+    assert!(size_of::<BackendStats>() == 192);
+    assert!(offset_of!(BackendStats, latency) == 64);
 };
 
 /// `Ipv4Addr` helper for tests and the CLI.

@@ -179,6 +179,7 @@ pub fn load(pin_dir: &Path, cgroup: &Path, caps: Capacities) -> Result<Loaded, L
             .map_max_entries(names::BACKENDS, caps.backends)
             .map_max_entries(names::BACKEND_ADDR, caps.backends)
             .map_max_entries(names::ACTIVE, caps.backends)
+            .map_max_entries(names::BACKEND_STATS, caps.backends)
             .map_max_entries(names::REV_NAT, caps.connections)
             .load(obj)
             .map_err(|e| match e {

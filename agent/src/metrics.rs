@@ -110,6 +110,47 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
             active.with_label_values(&[node, service, &addr, version]).set(maps.active_connections(ep));
         }
     }
+    let per_backend = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+        let c = IntCounterVec::new(Opts::new(name, help), &["node", "service", "instance", "version"])?;
+        reg.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
+    let b_connects =
+        per_backend("hitless_backend_connects_total", "Connects from this node that established to the instance.")?;
+    let b_failed = per_backend(
+        "hitless_backend_connect_failures_total",
+        "Connects from this node to the instance that never established (refused, reset, timed out).",
+    )?;
+    let b_closed = per_backend("hitless_backend_closed_connections_total", "Connections to the instance that closed.")?;
+    let b_retrans =
+        per_backend("hitless_backend_retransmits_total", "Retransmits on closed connections to the instance.")?;
+    let b_in =
+        per_backend("hitless_backend_received_bytes_total", "Bytes received on closed connections to the instance.")?;
+    let b_out = per_backend("hitless_backend_sent_bytes_total", "Bytes acked on closed connections to the instance.")?;
+    let b_rtt = IntGaugeVec::new(
+        Opts::new(
+            "hitless_backend_smoothed_rtt_microseconds",
+            "Mean smoothed RTT of closed connections to the instance.",
+        ),
+        &["node", "service", "instance", "version"],
+    )?;
+    reg.register(Box::new(b_rtt.clone()))?;
+    let mut histograms = String::new();
+    for (ep, service, version) in labels.backends.iter().filter(|(ep, _, _)| ep.proto == abi::PROTO_TCP) {
+        let Some(st) = maps.backend_stats(ep) else { continue };
+        let addr = ep.socket_addr().to_string();
+        let l = [node, service.as_str(), addr.as_str(), version.as_str()];
+        b_connects.with_label_values(&l).inc_by(st.connects);
+        b_failed.with_label_values(&l).inc_by(st.failed);
+        b_closed.with_label_values(&l).inc_by(st.closed);
+        b_retrans.with_label_values(&l).inc_by(st.retrans);
+        b_in.with_label_values(&l).inc_by(st.bytes_in);
+        b_out.with_label_values(&l).inc_by(st.bytes_out);
+        if let Some(mean) = st.srtt_us_sum.checked_div(st.closed) {
+            b_rtt.with_label_values(&l).set(mean as i64);
+        }
+        histogram(&mut histograms, &l, &st);
+    }
     let revision = IntGaugeVec::new(
         Opts::new("hitless_agent_applied_revision", "Registry revision the node's maps hold."),
         &["node"],
@@ -136,7 +177,42 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&reg.gather(), &mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    let mut text = String::from_utf8_lossy(&out).into_owned();
+    if !histograms.is_empty() {
+        text.push_str("# HELP hitless_backend_connect_latency_seconds Time from SYN to established, connects from this node to the instance.\n");
+        text.push_str("# TYPE hitless_backend_connect_latency_seconds histogram\n");
+        text.push_str(&histograms);
+    }
+    Ok(text)
+}
+
+/// A Prometheus label value, escaped.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The kernel's log2 histogram as Prometheus buckets (cumulative, in seconds).
+fn histogram(out: &mut String, l: &[&str; 4], st: &abi::BackendStats) {
+    use std::fmt::Write as _;
+    let labels = format!(
+        "node=\"{}\",service=\"{}\",instance=\"{}\",version=\"{}\"",
+        esc(l[0]),
+        esc(l[1]),
+        esc(l[2]),
+        esc(l[3])
+    );
+    let name = "hitless_backend_connect_latency_seconds";
+    let mut cumulative = 0u64;
+    for (b, n) in st.latency.iter().enumerate() {
+        cumulative += n;
+        if b + 1 < abi::LAT_BUCKETS {
+            let le = (1u64 << (b + 1)) as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", st.latency_us_sum as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
 }
 
 /// Serves `/metrics` on `addr` from a thread; returns the bound address.

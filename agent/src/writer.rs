@@ -18,9 +18,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 
-use crate::abi::{self, Backend, Counters, Endpoint, Frontend, Meta, Service, SlotKey};
+use crate::abi::{self, Backend, BackendStats, Counters, Endpoint, Frontend, Meta, Service, SlotKey};
 use crate::desired::{self, DesiredService};
 
 /// Map names, as pinned in the node's pin directory.
@@ -45,6 +45,10 @@ pub mod names {
     pub const SK_MARK: &str = "hl_sk_mark";
     /// Applied revision.
     pub const META: &str = "hl_meta";
+    /// What this node's clients saw of each backend.
+    pub const BACKEND_STATS: &str = "hl_backend_stats";
+    /// Outgoing connects in flight.
+    pub const SK_CONN: &str = "hl_sk_conn";
 }
 
 /// Why an apply did not happen or did not finish.
@@ -111,6 +115,7 @@ pub struct Maps {
     active: HashMap<MapData, Endpoint, i64>,
     counters: PerCpuArray<MapData, Counters>,
     meta: Array<MapData, Meta>,
+    backend_stats: PerCpuHashMap<MapData, Endpoint, BackendStats>,
     capacity: Capacity,
 }
 
@@ -143,6 +148,7 @@ impl Maps {
         let (active, _) = typed!(pin_dir, names::ACTIVE);
         let (counters, counters_cap) = typed!(pin_dir, names::COUNTERS);
         let (meta, _) = typed!(pin_dir, names::META);
+        let (backend_stats, _) = typed!(pin_dir, names::BACKEND_STATS);
         Ok(Self {
             frontends,
             services,
@@ -152,6 +158,7 @@ impl Maps {
             active,
             counters,
             meta,
+            backend_stats,
             capacity: Capacity {
                 services: services_cap.min(counters_cap),
                 vips,
@@ -178,6 +185,16 @@ impl Maps {
     /// Open server-side connections of the local backend at `ep` (0 when unknown).
     pub fn active_connections(&self, ep: &Endpoint) -> i64 {
         self.active.get(ep, 0).unwrap_or(0).max(0)
+    }
+
+    /// What this node's clients saw of the backend at `ep`, summed over CPUs.
+    pub fn backend_stats(&self, ep: &Endpoint) -> Option<BackendStats> {
+        let per_cpu = self.backend_stats.get(ep, 0).ok()?;
+        let mut sum = BackendStats::default();
+        for s in per_cpu.iter() {
+            sum.add(s);
+        }
+        Some(sum)
     }
 
     /// Whether the kernel has counted connections for the local backend at `ep`.

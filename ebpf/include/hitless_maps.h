@@ -99,6 +99,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } hl_sk_mark SEC(".maps");
 
+/* remote backend (address, port, TCP) -> what this node's clients saw of it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct hl_endpoint);
+	__type(value, struct hl_backend_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_backend_stats SEC(".maps");
+
+/* Outgoing connects to backends in flight, for latency and failures. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct hl_sk_conn);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_sk_conn SEC(".maps");
+
 /* The revision the maps hold, written last by the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

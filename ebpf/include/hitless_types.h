@@ -99,6 +99,31 @@ struct hl_counters {
 	__u64 passed_draining; /* direct connects let through to a draining backend */
 };
 
+/* Connect latency histogram: bucket b counts connects that took [2^b, 2^(b+1)) µs;
+ * the first also takes < 1 µs, the last everything from 2^15 µs (32.8 ms) up. */
+#define HL_LAT_BUCKETS 16
+
+/* backend_stats value (per CPU), keyed by a remote backend endpoint: what the
+ * clients on this node saw of it. */
+struct hl_backend_stats {
+	__u64 connects;       /* connects that established */
+	__u64 failed;         /* connects that never established (refused, reset, timed out) */
+	__u64 closed;         /* established connections that closed */
+	__u64 retrans;        /* retransmits of the closed connections */
+	__u64 bytes_in;       /* bytes received on the closed connections */
+	__u64 bytes_out;      /* bytes acked on the closed connections */
+	__u64 srtt_us_sum;    /* smoothed RTT at close, summed over closed */
+	__u64 latency_us_sum; /* connect latency, summed over connects */
+	__u64 latency[HL_LAT_BUCKETS];
+};
+
+/* sk_conn value: an outgoing connect to a backend, from SYN to close. */
+struct hl_sk_conn {
+	struct hl_endpoint ep;
+	__u32 established;
+	__u64 start_ns;
+};
+
 /* meta value (array of one): what the agent last wrote, kept in the kernel so
  * it survives the agent. */
 struct hl_meta {
@@ -118,5 +143,8 @@ _Static_assert(__builtin_offsetof(struct hl_rev_key, port) == 24, "hl_rev_key.po
 _Static_assert(sizeof(struct hl_rev) == 20, "hl_rev");
 _Static_assert(sizeof(struct hl_counters) == 32, "hl_counters");
 _Static_assert(sizeof(struct hl_meta) == 16, "hl_meta");
+_Static_assert(sizeof(struct hl_backend_stats) == 192, "hl_backend_stats");
+_Static_assert(__builtin_offsetof(struct hl_backend_stats, latency) == 64, "hl_backend_stats.latency");
+_Static_assert(sizeof(struct hl_sk_conn) == 32, "hl_sk_conn");
 
 #endif

@@ -40,7 +40,7 @@ fn counters_and_gauges_move_by_exactly_what_the_test_did() {
     let b1 = "127.135.0.1:8080";
     let _srv = serve(Some(&node.cgroup), &[b1], &[]);
     node.write_registry(&format!(
-        "services:\n  - name: cart\n    vips: [\"127.77.70.1:8080\"]\n    backends: [{{ address: \"{b1}\", version: v7 }}]\n  - name: empty\n    vips: [\"127.77.70.2:8080\"]\n    backends: [{{ address: \"127.135.0.2:8080\", state: down }}]\n"
+        "services:\n  - name: cart\n    vips: [\"127.77.70.1:8080\"]\n    backends: [{{ address: \"{b1}\", version: v7 }}]\n  - name: empty\n    vips: [\"127.77.70.2:8080\"]\n    backends: [{{ address: \"127.135.0.2:8080\", state: down }}]\n  - name: dead\n    backends: [{{ address: \"127.135.0.3:8080\" }}]\n"
     ));
     node.start_agent();
     let before = scrape(addr);
@@ -49,6 +49,9 @@ fn counters_and_gauges_move_by_exactly_what_the_test_did() {
     assert_eq!(n.ok, 300);
     let m = connects(Some(&node.cgroup), "127.77.70.2:8080", 20);
     assert_eq!(m.errors.get("ConnectionRefused"), Some(&20));
+    // Nothing listens on the dead service's instance: every connect is reset.
+    let f = connects(Some(&node.cgroup), "127.135.0.3:8080", 10);
+    assert_eq!(f.errors.get("ConnectionRefused"), Some(&10));
     let held = Held::open(&node.cgroup, "127.77.70.1:8080", 4);
     let deadline = Instant::now() + Duration::from_secs(5);
     let after = loop {
@@ -71,6 +74,17 @@ fn counters_and_gauges_move_by_exactly_what_the_test_did() {
         4.0
     );
     assert_eq!(value(&after, "hitless_agent_applied_revision", &[("node", &name)]), node.revision() as f64);
+    // What the clients on the node saw of each instance, from sockops.
+    let backend = |m: &BTreeMap<String, f64>, metric: &str, inst: &str| value(m, metric, &[("instance", inst)]);
+    let d = |metric: &str, inst: &str| backend(&after, metric, inst) - backend(&before, metric, inst);
+    assert_eq!(d("hitless_backend_connects_total", b1), 304.0);
+    assert_eq!(d("hitless_backend_connect_failures_total", b1), 0.0);
+    assert_eq!(d("hitless_backend_connect_failures_total", "127.135.0.3:8080"), 10.0);
+    assert_eq!(d("hitless_backend_connect_latency_seconds_count", b1), 304.0);
+    assert!(after
+        .keys()
+        .any(|k| k.starts_with("hitless_backend_connect_latency_seconds_bucket{") && k.contains("le=\"+Inf\"")));
+    assert_eq!(d("hitless_backend_closed_connections_total", b1), 300.0, "the 300 closed, the 4 held still open");
     assert_eq!(value(&after, "hitless_agent_map_entries", &[("map", "hl_frontends")]), 2.0);
     assert!(value(&after, "hitless_agent_map_capacity", &[("map", "hl_frontends")]) > 2.0);
     let h = held.release();
