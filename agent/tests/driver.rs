@@ -271,6 +271,18 @@ async fn an_instance_that_never_gets_healthy_is_named_with_its_output() {
         d.stop(&info.id, || 0).await.unwrap();
         fx.assert_gone(&d, &info);
     }
+
+    // A stop while someone waits for health ends the wait at once.
+    let sick = d.start(spec("v1", &["--unhealthy"])).unwrap();
+    let t = Instant::now();
+    let (waited, stopped) = tokio::join!(d.wait_healthy(&sick.id, Duration::from_secs(10)), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        d.stop(&sick.id, || 0).await
+    });
+    assert!(matches!(waited, Err(DriverError::Stopping(_) | DriverError::UnknownInstance(_))), "{waited:?}");
+    stopped.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    fx.assert_gone(&d, &sick);
 }
 
 #[tokio::test]
@@ -366,6 +378,11 @@ async fn stop_drains_until_the_last_connection_closes() {
     s.drain_deadline = Duration::from_secs(10);
     let a = d.start(s).unwrap();
     d.wait_healthy(&a.id, Duration::from_secs(5)).await.unwrap();
+
+    // A stop the caller gives up on hands the instance back, still serving.
+    assert!(tokio::time::timeout(Duration::from_millis(100), d.stop(&a.id, || 1)).await.is_err());
+    assert_eq!(d.get(&a.id).unwrap().state, InstanceState::Serving, "a cancelled stop hands the instance back");
+    assert_eq!(get(&fx.addr(1), "/").0, 200);
 
     let conn = held(&fx.addr(1));
     let active = Arc::new(AtomicI64::new(1));

@@ -242,8 +242,8 @@ impl Driver {
     /// Probes the instance every 50 ms until it is healthy (an HTTP GET of the path
     /// answers 2xx, a TCP connect succeeds, or the exec argv exits 0; no check means TCP),
     /// for at most `timeout`; it is then [`InstanceState::Serving`]. Fails at once when its
-    /// process exits. Errors name the instance and carry the last probe error and the
-    /// tail of its log.
+    /// process exits, or when a stop of the instance begins. Errors name the instance and
+    /// carry the last probe error and the tail of its log.
     pub async fn wait_healthy(&self, id: &str, timeout: Duration) -> Result<(), DriverError> {
         let (rec, env) = {
             let table = self.lock();
@@ -315,6 +315,10 @@ impl Driver {
     fn mark_serving(&self, id: &str, waited: Duration) -> Result<(), DriverError> {
         let mut table = self.lock();
         let inst = table.get_mut(id).ok_or_else(|| DriverError::UnknownInstance(id.to_string()))?;
+        if inst.stopping {
+            // The stop owns the record now (it may have deleted it already).
+            return Err(DriverError::Stopping(id.to_string()));
+        }
         inst.rec.phase = Phase::Serving;
         inst.rec.save(&self.state_dir).map_err(|source| DriverError::Record {
             id: id.to_string(),
@@ -329,6 +333,9 @@ impl Driver {
     fn crash_reason(&self, id: &str) -> Result<Option<String>, DriverError> {
         let mut table = self.lock();
         let inst = table.get_mut(id).ok_or_else(|| DriverError::UnknownInstance(id.to_string()))?;
+        if inst.stopping {
+            return Err(DriverError::Stopping(id.to_string()));
+        }
         Ok(self.refresh(inst))
     }
 

@@ -65,7 +65,8 @@ pub struct StopReport {
 impl Driver {
     /// Stops an instance, once the caller has made its drain effective on every node:
     /// pre-stop hook (HTTP GET or exec argv, bounded by the drain deadline) → wait until
-    /// `active()` (the kernel's count of the instance's open connections) is 0 or the
+    /// `active()` (the kernel's count of the instance's open connections; 0 or less means
+    /// none) is 0 or the
     /// drain deadline, counted from the start of the stop, passes → SIGTERM to every
     /// process of its cgroup → wait up to `grace` for the cgroup to empty → SIGKILL
     /// (`cgroup.kill`) → remove the cgroup, the record and the log, and free the address.
@@ -73,7 +74,7 @@ impl Driver {
     /// stop can be retried.
     pub async fn stop(&self, id: &str, active: impl Fn() -> i64) -> Result<StopReport, DriverError> {
         let t0 = Instant::now();
-        let (rec, env, crashed, mut child) = {
+        let (rec, env, crashed, child) = {
             let mut table = self.lock();
             let inst = table.get_mut(id).ok_or_else(|| DriverError::UnknownInstance(id.to_string()))?;
             if inst.stopping {
@@ -83,6 +84,8 @@ impl Driver {
             inst.stopping = true;
             (inst.rec.clone(), self.env(&inst.rec), crashed, inst.child.take())
         };
+        // Until the instance is gone, an error or a dropped future hands it back (retryable).
+        let mut guard = Handback { driver: self, id, child };
         let (cg, log, rel) = (self.cgroup_dir(id), self.log_path(id), self.cgroup_rel(id));
         let (service, address) = (rec.spec.service.as_str(), rec.address);
         let node = self.node.as_str();
@@ -159,14 +162,13 @@ impl Driver {
                 Ok(()) => None,
             };
             if let Some(e) = err {
-                self.abandon_stop(id, child);
                 return Err(e);
             }
         }
         let t_done = Instant::now();
 
         // Reap the main process (it has exited: its cgroup is empty), then clean up.
-        if let Some(c) = child.as_mut() {
+        if let Some(c) = guard.child.as_mut() {
             for _ in 0..100 {
                 if !matches!(c.try_wait(), Ok(None)) {
                     break;
@@ -175,13 +177,11 @@ impl Driver {
             }
         }
         if let Err(source) = process::remove_cgroup(&cg) {
-            self.abandon_stop(id, child);
             return Err(DriverError::Cgroup { id: id.to_string(), path: cg, source });
         }
         let rec_path = Record::path(&self.state_dir, id);
         match std::fs::remove_file(&rec_path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                self.abandon_stop(id, child);
                 return Err(DriverError::Record { id: id.to_string(), path: rec_path, source: e });
             }
             _ => {}
@@ -204,12 +204,22 @@ impl Driver {
         info!(node, service, instance = id, address = %address, phase = "stopped", drain_end = %drain_end, killed, total_ms = report.total.as_millis() as u64, "instance stopped; cgroup, address and record released");
         Ok(report)
     }
+}
 
-    /// A stop that failed part way: the instance stays listed, and may be stopped again.
-    fn abandon_stop(&self, id: &str, child: Option<std::process::Child>) {
-        if let Some(inst) = self.lock().get_mut(id) {
+/// Hands an instance back when its stop ends early (an error, or the caller dropped the
+/// future): it stays listed, with its process handle, and may be stopped again. After a
+/// complete stop the instance is no longer in the table and this does nothing.
+struct Handback<'a> {
+    driver: &'a Driver,
+    id: &'a str,
+    child: Option<std::process::Child>,
+}
+
+impl Drop for Handback<'_> {
+    fn drop(&mut self) {
+        if let Some(inst) = self.driver.lock().get_mut(self.id) {
             inst.stopping = false;
-            inst.child = child;
+            inst.child = self.child.take();
         }
     }
 }
