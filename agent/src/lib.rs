@@ -14,6 +14,7 @@ pub mod driver;
 pub mod link;
 pub mod loader;
 pub mod metrics;
+pub mod outlier;
 pub mod static_mode;
 pub mod sys;
 pub mod writer;

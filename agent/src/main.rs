@@ -10,6 +10,7 @@ use tracing::info;
 
 use hitless_agent::driver::Driver;
 use hitless_agent::loader::{self, Capacities};
+use hitless_agent::outlier::Outliers;
 use hitless_agent::writer::{Maps, Writer};
 use hitless_agent::{cgroup, link, static_mode};
 use std::sync::Arc;
@@ -67,6 +68,13 @@ struct RunArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9477), at /metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Consecutive failed connects from this node that isolate a backend on this node
+    /// (static mode).
+    #[arg(long, value_name = "N", default_value_t = hitless_agent::outlier::DEFAULT_THRESHOLD)]
+    outlier_failures: u64,
+    /// How long an isolated backend gets no traffic from this node.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    outlier_period: hitless_model::Duration,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -209,8 +217,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     match source {
         Source::File(file, reg) => {
-            static_mode::apply(&mut writer, &reg, &metrics, node)?;
-            static_mode::watch(&file, &mut writer, Duration::from_millis(args.poll_ms.max(1)), &metrics, node)
+            let mut outliers = Outliers::new(args.outlier_failures, args.outlier_period.to_std());
+            // Counters already in the maps (a restart) are history, not failures in a row.
+            outliers.observe(writer.maps(), &hitless_agent::desired::from_registry(&reg), std::time::Instant::now());
+            static_mode::apply(&mut writer, &reg, &metrics, node, &outliers)?;
+            let poll = Duration::from_millis(args.poll_ms.max(1));
+            static_mode::watch(&file, &mut writer, poll, &metrics, node, reg, &mut outliers)
         }
         Source::Coordinator(url) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -37,6 +37,8 @@ pub struct State {
     pub labels: Mutex<Labels>,
     /// Applies that failed (bad files, map writes, sessions that broke).
     pub reconcile_errors: AtomicU64,
+    /// Backends isolated on this node now, and isolations so far per backend.
+    pub outliers: Mutex<(std::collections::BTreeSet<Endpoint>, std::collections::BTreeMap<Endpoint, u64>)>,
 }
 
 impl State {
@@ -61,6 +63,13 @@ impl State {
         }
         if let Ok(mut labels) = self.labels.lock() {
             *labels = l;
+        }
+    }
+
+    /// Publishes the outlier detector's state.
+    pub fn set_outliers(&self, o: &crate::outlier::Outliers) {
+        if let Ok(mut g) = self.outliers.lock() {
+            *g = (o.isolated(), o.isolations());
         }
     }
 
@@ -151,6 +160,22 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
         }
         histogram(&mut histograms, &l, &st);
     }
+    let isolated = IntGaugeVec::new(
+        Opts::new("hitless_outlier_isolated", "1 while the instance is isolated on this node after failed connects."),
+        &["node", "service", "instance"],
+    )?;
+    let isolations =
+        per_node_backend(&reg, "hitless_outlier_isolations_total", "Times the instance was isolated on this node.")?;
+    reg.register(Box::new(isolated.clone()))?;
+    if let Ok(o) = state.outliers.lock() {
+        for (ep, service, _) in &labels.backends {
+            let addr = ep.socket_addr().to_string();
+            if let Some(n) = o.1.get(ep) {
+                isolations.with_label_values(&[node, service, &addr]).inc_by(*n);
+                isolated.with_label_values(&[node, service, &addr]).set(i64::from(o.0.contains(ep)));
+            }
+        }
+    }
     let revision = IntGaugeVec::new(
         Opts::new("hitless_agent_applied_revision", "Registry revision the node's maps hold."),
         &["node"],
@@ -184,6 +209,12 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
         text.push_str(&histograms);
     }
     Ok(text)
+}
+
+fn per_node_backend(reg: &PromRegistry, name: &str, help: &str) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), &["node", "service", "instance"])?;
+    reg.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 /// A Prometheus label value, escaped.

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
 
+use crate::outlier::Outliers;
 use crate::{desired, metrics};
 use hitless_model::ModelError;
 
@@ -63,11 +64,19 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// Applies `reg` as the next revision, refreshes the metrics' labels, logs the outcome.
-pub fn apply(writer: &mut Writer, reg: &Registry, metrics: &metrics::State, node: &str) -> Result<u64, WriteError> {
+/// Applies `reg` as the next revision (with this node's isolated outliers given no
+/// slots), refreshes the metrics' labels, logs the outcome.
+pub fn apply(
+    writer: &mut Writer,
+    reg: &Registry,
+    metrics: &metrics::State,
+    node: &str,
+    outliers: &Outliers,
+) -> Result<u64, WriteError> {
     let revision = writer.maps().revision()? + 1;
     let started = std::time::Instant::now();
-    let report = writer.apply(&desired::from_registry(reg), revision).inspect_err(|_| metrics.error())?;
+    let report =
+        writer.apply(&outliers.overlay(&desired::from_registry(reg)), revision).inspect_err(|_| metrics.error())?;
     metrics.update(node, reg, writer);
     info!(
         revision,
@@ -84,11 +93,29 @@ pub fn apply(writer: &mut Writer, reg: &Registry, metrics: &metrics::State, node
 
 /// Watches `path` forever, applying each valid change. An invalid file is logged with
 /// every problem and the last good state stays in force.
-pub fn watch(path: &Path, writer: &mut Writer, poll: Duration, metrics: &metrics::State, node: &str) -> ! {
+pub fn watch(
+    path: &Path,
+    writer: &mut Writer,
+    poll: Duration,
+    metrics: &metrics::State,
+    node: &str,
+    mut reg: Registry,
+    outliers: &mut Outliers,
+) -> ! {
     let mut last_stamp = stamp(path);
     let mut last_text = std::fs::read_to_string(path).ok();
     loop {
         std::thread::sleep(poll);
+        // Outliers: a change in who is isolated re-applies the same revision.
+        let d = desired::from_registry(&reg);
+        if outliers.observe(writer.maps(), &d, std::time::Instant::now()) {
+            let revision = writer.maps().revision().unwrap_or(0);
+            if let Err(e) = writer.apply(&outliers.overlay(&d), revision) {
+                metrics.error();
+                error!(error = %e, "outlier change not applied");
+            }
+            metrics.set_outliers(outliers);
+        }
         let now = stamp(path);
         if now == last_stamp {
             continue;
@@ -103,11 +130,12 @@ pub fn watch(path: &Path, writer: &mut Writer, poll: Duration, metrics: &metrics
         }
         last_text = Some(text.clone());
         match Registry::parse(&text) {
-            Ok(reg) => {
-                if let Err(e) = apply(writer, &reg, metrics, node) {
+            Ok(next) => match apply(writer, &next, metrics, node, outliers) {
+                Ok(_) => reg = next,
+                Err(e) => {
                     error!(file = %path.display(), error = %e, "registry not applied; the state in force is unchanged or safely partial, and the next change retries");
                 }
-            }
+            },
             Err(e) => {
                 metrics.error();
                 for p in e.problems() {

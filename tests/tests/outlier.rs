@@ -1,0 +1,53 @@
+//! Per-node outlier isolation in the real kernel. Run as root.
+
+use std::time::{Duration, Instant};
+
+use hitless_tests::{connects, serve, Node};
+
+#[test]
+fn a_refusing_backend_is_isolated_on_the_node_then_returns_and_never_the_last_one() {
+    let mut node = Node::new("outlier");
+    node.agent_args(&["--outlier-period", "1s"]);
+    let good = "127.137.0.1:8080";
+    let bad = "127.137.0.2:8080";
+    let alone = "127.137.0.3:8080";
+    let _srv = serve(Some(&node.cgroup), &[good], &[]);
+    node.write_registry(&format!(
+        "services:\n  - name: cart\n    vips: [\"127.77.80.1:8080\"]\n    backends: [{{ address: \"{good}\" }}, {{ address: \"{bad}\" }}]\n  - name: solo\n    vips: [\"127.77.80.2:8080\"]\n    backends: [{{ address: \"{alone}\" }}]\n"
+    ));
+    node.start_agent();
+
+    // Nothing listens on `bad`: its connects are refused until it is isolated.
+    let first = connects(Some(&node.cgroup), "127.77.80.1:8080", 20);
+    assert!(first.failed >= 2, "the failures that trigger isolation: {first:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let s = connects(Some(&node.cgroup), "127.77.80.1:8080", 300);
+    assert_eq!((s.ok, s.from(good)), (300, 300), "isolated: every connect goes to the healthy backend: {s:?}");
+
+    // It recovers; after the period it gets traffic again.
+    let _back = serve(Some(&node.cgroup), &[bad], &[]);
+    std::thread::sleep(Duration::from_millis(1300));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = connects(Some(&node.cgroup), "127.77.80.1:8080", 100);
+        assert_eq!(s.failed, 0, "{s:?}");
+        if s.from(bad) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the recovered backend never got traffic back: {s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The last serving backend of a service is never isolated: its VIP keeps dialling it.
+    for _ in 0..3 {
+        let s = connects(Some(&node.cgroup), "127.77.80.2:8080", 10);
+        assert_eq!(s.errors.get("ConnectionRefused"), Some(&10), "{s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !node.log().contains(&format!("backend={alone}")),
+        "the only backend of solo was isolated:\n{}",
+        node.log()
+    );
+    assert!(node.log().contains("isolated on this node"), "{}", node.log());
+}
