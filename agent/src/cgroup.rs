@@ -23,23 +23,24 @@ pub fn parse_v2_mount(mounts: &str) -> Option<PathBuf> {
     })
 }
 
-/// `/proc/mounts` escapes spaces, tabs, newlines and backslashes as octal.
+/// `/proc/mounts` escapes spaces, tabs, newlines and backslashes as `\ooo` octal.
 fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 1 && b.len() >= i + 4 {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4]).ok().and_then(|o| u8::from_str_radix(o, 8).ok()) {
+                out.push(v);
                 i += 4;
                 continue;
             }
         }
-        out.push(b[i] as char);
+        out.push(b[i]);
         i += 1;
     }
-    out
+    // Bytes, not chars: a non-ASCII path stays what it was.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether `dir` is a cgroup v2 directory (it has `cgroup.procs`).
@@ -57,5 +58,6 @@ mod tests {
         assert_eq!(parse_v2_mount(m), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(parse_v2_mount("cgroup2 /mnt/my\\040cg cgroup2 rw 0 0"), Some(PathBuf::from("/mnt/my cg")));
         assert_eq!(parse_v2_mount("proc /proc proc rw 0 0"), None);
+        assert_eq!(parse_v2_mount("cgroup2 /mnt/gr\u{fc}n cgroup2 rw 0 0"), Some(PathBuf::from("/mnt/gr\u{fc}n")));
     }
 }

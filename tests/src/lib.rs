@@ -74,11 +74,13 @@ impl Cgroup {
                     return Err(std::io::Error::last_os_error());
                 }
                 let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                // Take errno before close() can overwrite it.
+                let err = std::io::Error::last_os_error();
                 libc::close(fd);
                 if ok {
                     Ok(())
                 } else {
-                    Err(std::io::Error::last_os_error())
+                    Err(err)
                 }
             });
         }
