@@ -160,6 +160,26 @@ pub struct Site {
     pub pin_dir: PathBuf,
     /// Labels and error count for `/metrics`.
     pub metrics: Arc<crate::metrics::State>,
+    /// This node's outlier detector (kept across sessions).
+    pub outliers: Arc<std::sync::Mutex<crate::outlier::Outliers>>,
+}
+
+/// How often the session looks at the kernel's per-backend counters for outliers.
+const OUTLIER_LOOK: Duration = Duration::from_millis(50);
+
+/// Re-applies the revision in force when the set of isolated backends changed.
+fn look_at_outliers(
+    site: &Site,
+    writer: &mut Writer,
+    desired: &[desired::DesiredService],
+    revision: u64,
+) -> Result<(), LinkError> {
+    let Ok(mut o) = site.outliers.lock() else { return Ok(()) };
+    if o.observe(writer.maps(), desired, std::time::Instant::now()) {
+        writer.apply(&o.overlay(desired), revision)?;
+        site.metrics.set_outliers(&o);
+    }
+    Ok(())
 }
 
 /// Runs sessions forever, redialling with backoff; the maps keep the last state in
@@ -216,7 +236,21 @@ async fn session_inner(
     let _crash_watch = site.driver.clone().map(|d| tokio::spawn(watch_crashes(d, tx.clone())));
     let _guard = AbortOnDrop(_crash_watch);
     let mut mirror: Option<Mirror> = None;
-    while let Some(msg) = inbound.message().await? {
+    let mut wanted: Vec<desired::DesiredService> = Vec::new();
+    let mut tick = tokio::time::interval(OUTLIER_LOOK);
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => match m? {
+                Some(m) => m,
+                None => break,
+            },
+            _ = tick.tick() => {
+                if let Some(m) = &mirror {
+                    look_at_outliers(site, writer, &wanted, m.revision)?;
+                }
+                continue;
+            }
+        };
         let next = match msg.msg {
             Some(coordinator_message::Msg::Snapshot(s)) => Mirror::from_snapshot(s),
             Some(coordinator_message::Msg::Delta(d)) => {
@@ -249,7 +283,9 @@ async fn session_inner(
         };
         let started = std::time::Instant::now();
         let reg = next.to_registry();
-        let report = writer.apply(&desired::from_registry(&reg), next.revision)?;
+        wanted = desired::from_registry(&reg);
+        let overlaid = site.outliers.lock().map(|o| o.overlay(&wanted)).unwrap_or_else(|_| wanted.clone());
+        let report = writer.apply(&overlaid, next.revision)?;
         site.metrics.update(node, &reg, writer);
         info!(
             %node,

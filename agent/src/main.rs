@@ -68,8 +68,7 @@ struct RunArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9477), at /metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// Consecutive failed connects from this node that isolate a backend on this node
-    /// (static mode).
+    /// Consecutive failed connects from this node that isolate a backend on this node.
     #[arg(long, value_name = "N", default_value_t = hitless_agent::outlier::DEFAULT_THRESHOLD)]
     outlier_failures: u64,
     /// How long an isolated backend gets no traffic from this node.
@@ -236,7 +235,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let site = link::Site { driver, pin_dir: pin_dir.clone(), metrics };
+            let outliers = Outliers::new(args.outlier_failures, args.outlier_period.to_std());
+            let outliers = Arc::new(std::sync::Mutex::new(outliers));
+            let site = link::Site { driver, pin_dir: pin_dir.clone(), metrics, outliers };
             rt.block_on(link::run(url, node.to_owned(), writer, site))
         }
     }

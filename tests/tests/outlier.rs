@@ -51,3 +51,36 @@ fn a_refusing_backend_is_isolated_on_the_node_then_returns_and_never_the_last_on
     );
     assert!(node.log().contains("isolated on this node"), "{}", node.log());
 }
+
+#[test]
+fn coordinator_mode_isolates_per_node_too() {
+    let coord = hitless_tests::Coordinator::start("outlier", "127.130.20.1:7070");
+    let good = "127.137.1.1:8080";
+    let bad = "127.137.1.2:8080";
+    let file = std::env::temp_dir().join(format!("hitless-outlier-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        format!("services:\n  - name: cart\n    vips: [\"127.77.81.1:8080\"]\n    backends: [{{ address: \"{good}\" }}, {{ address: \"{bad}\" }}]\n"),
+    )
+    .expect("registry");
+    let out = coord.cli(&["registry", "apply", file.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success());
+    let mut a = Node::new("outlier-a");
+    let mut b = Node::new("outlier-b");
+    let _srv = serve(None, &[good], &[]);
+    for n in [&mut a, &mut b] {
+        n.agent_args(&["--outlier-period", "30s"]);
+        n.follow(&coord.url);
+        n.spawn_agent();
+    }
+    coord.wait_synced(2);
+    // Node a's clients hit the dead instance and isolate it there; node b never dialled it.
+    let first = connects(Some(&a.cgroup), "127.77.81.1:8080", 20);
+    assert!(first.failed >= 2, "{first:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let s = connects(Some(&a.cgroup), "127.77.81.1:8080", 200);
+    assert_eq!((s.ok, s.failed), (200, 0), "isolated on node a: {s:?}");
+    let other = connects(Some(&b.cgroup), "127.77.81.1:8080", 200);
+    assert!(other.failed > 0, "node b has not isolated it (per-node decision): {other:?}");
+}
