@@ -3,7 +3,7 @@
 //! - `cargo xtask ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed
 //!   `ebpf/*.bpf.o`, or check that the committed objects match their sources.
 //! - `cargo xtask demo`: build in release mode and run the local demo (as root).
-//! - `cargo xtask bench [datapath|propagation|planner|all] [-- ARGS]`: build in release mode and
+//! - `cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]`: build in release mode and
 //!   run the benchmarks; each prints ratios against a baseline measured in the same run.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")),
         Some("demo") => demo(),
         Some("bench") => bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]),
-        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask demo | cargo xtask bench [datapath|propagation|planner|all]".to_owned()),
+        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask demo | cargo xtask bench [datapath|propagation|metrics|planner|all]".to_owned()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -117,7 +117,7 @@ fn run(mut c: Command, what: &str) -> Result<(), String> {
 }
 
 fn bench(which: &str, rest: &[String]) -> Result<(), String> {
-    let known = ["datapath", "propagation", "planner", "all"];
+    let known = ["datapath", "propagation", "metrics", "planner", "all"];
     if !known.contains(&which) {
         return Err(format!("unknown benchmark {which:?}; one of {}", known.join(", ")));
     }
@@ -127,7 +127,7 @@ fn bench(which: &str, rest: &[String]) -> Result<(), String> {
             .args(rest);
         run(c, "the planner benchmark")?;
     }
-    for kernel in ["datapath", "propagation"] {
+    for kernel in ["datapath", "propagation", "metrics"] {
         if which == kernel || which == "all" {
             let mut c = cargo();
             c.args([

@@ -7,6 +7,10 @@
 //! the time from the decision to the last agent's ack (its maps hold the change, so
 //! from then on every connect on that node avoids the instance).
 //!
+//! `metrics`: connect+close rate through the hook with the counting program (sockops:
+//! per-backend connects, failures, latency histogram, open connections) attached and
+//! detached, against direct, in one run.
+//!
 //! `datapath`: connect+close rate to a VIP through the hook with 1, 1,000 and 10,000
 //! services, against dialling the backend directly without the hook; then the same
 //! through iptables DNAT chains of 1, 1,000 and 10,000 rules (kube-proxy's iptables
@@ -29,7 +33,8 @@ fn main() -> anyhow::Result<()> {
     match what {
         "datapath" => datapath(count, rounds),
         "propagation" => propagation(flag(&args, "--drains").unwrap_or(200)),
-        other => bail!("unknown benchmark {other:?}; known: datapath, propagation"),
+        "metrics" => metrics(count, rounds),
+        other => bail!("unknown benchmark {other:?}; known: datapath, propagation, metrics"),
     }
 }
 
@@ -330,5 +335,51 @@ fn propagation(drains: usize) -> anyhow::Result<()> {
         println!("| {n} | {a50:.2} ms | {a99:.2} ms | {r50:.2} ms | {r99:.2} ms |");
     }
     println!("anchors: client registry caches refresh every 30 s; Eureka can take 2 min, Nacos 50 s");
+    Ok(())
+}
+
+fn metrics(count: u32, rounds: usize) -> anyhow::Result<()> {
+    require_root();
+    let mut sink = Command::new(bin("hitless-probe"));
+    sink.args(["sink", "--tcp", SINK, "--cpu", "1"]);
+    let _sink = spawn_ready(sink);
+    let direct_cg = Cgroup::new("bench-m-direct");
+    let mut nodes = Vec::new();
+    for name in ["bench-m-on", "bench-m-off"] {
+        let mut node = Node::new(name);
+        node.write_registry(&registry(1, "127.79.9.1:9000"));
+        node.start_agent();
+        node.kill_agent();
+        nodes.push(node);
+    }
+    // Detach the counting program on the second node: removing a link's pin detaches it.
+    std::fs::remove_file(nodes[1].pin_dir.join("links/hl_sockops")).context("detaching sockops")?;
+    let mut cgroups: BTreeMap<std::path::PathBuf, &Cgroup> = BTreeMap::new();
+    cgroups.insert(direct_cg.path().to_owned(), &direct_cg);
+    for n in &nodes {
+        cgroups.insert(n.cgroup.path().to_owned(), &n.cgroup);
+    }
+    let configs = vec![
+        Config { label: "direct, no hook".into(), cgroup: Some(direct_cg.path().to_owned()), addr: SINK.into() },
+        Config {
+            label: "hook, counting on".into(),
+            cgroup: Some(nodes[0].cgroup.path().to_owned()),
+            addr: "127.79.9.1:9000".into(),
+        },
+        Config {
+            label: "hook, counting off".into(),
+            cgroup: Some(nodes[1].cgroup.path().to_owned()),
+            addr: "127.79.9.1:9000".into(),
+        },
+    ];
+    eprintln!("measuring the counting program: {} configs x {rounds} rounds x {count} connects", configs.len());
+    let r = measure(&configs, &cgroups, count, rounds)?;
+    println!("\nmetrics: connect+close to a VIP; {rounds} interleaved rounds of {count} connects");
+    println!("| path | connects/s | vs direct |");
+    println!("|---|---:|---:|");
+    for (c, x) in configs.iter().zip(&r) {
+        println!("| {} | {:.0} | {:.3} |", c.label, median(x.clone()), ratio(x, &r[0]));
+    }
+    println!("counting costs {:.1} % of the connect rate (target <= 3 %)", (1.0 - ratio(&r[1], &r[2])) * 100.0);
     Ok(())
 }
