@@ -201,7 +201,7 @@ static __always_inline void connect_done(struct bpf_sock_ops *ctx)
 		st->latency[b]++;
 }
 
-static __always_inline void connect_closed(struct bpf_sock_ops *ctx)
+static __always_inline void connect_closed(struct bpf_sock_ops *ctx, __u32 old_state)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct hl_backend_stats *st;
@@ -218,6 +218,10 @@ static __always_inline void connect_closed(struct bpf_sock_ops *ctx)
 			st->failed++;
 		} else {
 			st->closed++;
+			/* Straight from ESTABLISHED to CLOSE: no FIN either way, a reset (or an
+			 * abortive close by the client itself, e.g. SO_LINGER 0). */
+			if (old_state == BPF_TCP_ESTABLISHED)
+				st->resets++;
 			st->retrans += ctx->total_retrans;
 			st->bytes_in += ctx->bytes_received;
 			st->bytes_out += ctx->bytes_acked;
@@ -246,7 +250,7 @@ int hl_sockops(struct bpf_sock_ops *ctx)
 		    ctx->args[1] == BPF_TCP_CLOSE)
 			count_close(ctx);
 		if (ctx->args[1] == BPF_TCP_CLOSE)
-			connect_closed(ctx);
+			connect_closed(ctx, ctx->args[0]);
 		break;
 	}
 	return 1;

@@ -203,6 +203,8 @@ pub struct BackendStats {
     pub latency_us_sum: u64,
     /// Connect latency histogram.
     pub latency: [u64; LAT_BUCKETS],
+    /// Established connections that went straight to CLOSE (reset, or aborted).
+    pub resets: u64,
 }
 
 impl BackendStats {
@@ -216,6 +218,7 @@ impl BackendStats {
         self.bytes_out += o.bytes_out;
         self.srtt_us_sum += o.srtt_us_sum;
         self.latency_us_sum += o.latency_us_sum;
+        self.resets += o.resets;
         for (a, b) in self.latency.iter_mut().zip(o.latency.iter()) {
             *a += *b;
         }
@@ -278,7 +281,8 @@ const _: () = {
     assert!(size_of::<Rev>() == 20);
     assert!(size_of::<Counters>() == 32);
     assert!(size_of::<Meta>() == 16);
-    assert!(size_of::<BackendStats>() == 192);
+    assert!(size_of::<BackendStats>() == 200);
+    assert!(offset_of!(BackendStats, resets) == 192);
     assert!(offset_of!(BackendStats, latency) == 64);
 };
 

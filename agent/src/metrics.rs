@@ -130,6 +130,10 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
         "hitless_backend_connect_failures_total",
         "Connects from this node to the instance that never established (refused, reset, timed out).",
     )?;
+    let b_resets = per_backend(
+        "hitless_backend_resets_total",
+        "Connections to the instance that ended without a FIN either way (reset or aborted).",
+    )?;
     let b_closed = per_backend("hitless_backend_closed_connections_total", "Connections to the instance that closed.")?;
     let b_retrans =
         per_backend("hitless_backend_retransmits_total", "Retransmits on closed connections to the instance.")?;
@@ -152,6 +156,7 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
         b_connects.with_label_values(&l).inc_by(st.connects);
         b_failed.with_label_values(&l).inc_by(st.failed);
         b_closed.with_label_values(&l).inc_by(st.closed);
+        b_resets.with_label_values(&l).inc_by(st.resets);
         b_retrans.with_label_values(&l).inc_by(st.retrans);
         b_in.with_label_values(&l).inc_by(st.bytes_in);
         b_out.with_label_values(&l).inc_by(st.bytes_out);

@@ -115,6 +115,7 @@ struct hl_backend_stats {
 	__u64 srtt_us_sum;    /* smoothed RTT at close, summed over closed */
 	__u64 latency_us_sum; /* connect latency, summed over connects */
 	__u64 latency[HL_LAT_BUCKETS];
+	__u64 resets;         /* established connections that went straight to CLOSE */
 };
 
 /* sk_conn value: an outgoing connect to a backend, from SYN to close. */
@@ -143,7 +144,8 @@ _Static_assert(__builtin_offsetof(struct hl_rev_key, port) == 24, "hl_rev_key.po
 _Static_assert(sizeof(struct hl_rev) == 20, "hl_rev");
 _Static_assert(sizeof(struct hl_counters) == 32, "hl_counters");
 _Static_assert(sizeof(struct hl_meta) == 16, "hl_meta");
-_Static_assert(sizeof(struct hl_backend_stats) == 192, "hl_backend_stats");
+_Static_assert(sizeof(struct hl_backend_stats) == 200, "hl_backend_stats");
+_Static_assert(__builtin_offsetof(struct hl_backend_stats, resets) == 192, "hl_backend_stats.resets");
 _Static_assert(__builtin_offsetof(struct hl_backend_stats, latency) == 64, "hl_backend_stats.latency");
 _Static_assert(sizeof(struct hl_sk_conn) == 32, "hl_sk_conn");
 

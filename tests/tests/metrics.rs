@@ -85,6 +85,8 @@ fn counters_and_gauges_move_by_exactly_what_the_test_did() {
         .keys()
         .any(|k| k.starts_with("hitless_backend_connect_latency_seconds_bucket{") && k.contains("le=\"+Inf\"")));
     assert_eq!(d("hitless_backend_closed_connections_total", b1), 300.0, "the 300 closed, the 4 held still open");
+    // The probe closes each connection abortively (SO_LINGER 0): no FIN, so each counts as a reset.
+    assert_eq!(d("hitless_backend_resets_total", b1), 300.0);
     assert_eq!(value(&after, "hitless_agent_map_entries", &[("map", "hl_frontends")]), 2.0);
     assert!(value(&after, "hitless_agent_map_capacity", &[("map", "hl_frontends")]) > 2.0);
     let h = held.release();
