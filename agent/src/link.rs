@@ -166,6 +166,27 @@ pub struct Site {
 
 /// How often the session looks at the kernel's per-backend counters for outliers.
 const OUTLIER_LOOK: Duration = Duration::from_millis(50);
+/// How often the session sends the per-backend counters (analysis gates read them).
+const SUMMARY_EVERY: Duration = Duration::from_secs(1);
+
+/// The kernel's per-backend totals for the backends of `reg`.
+fn summary(writer: &Writer, desired: &[desired::DesiredService], names: &[String]) -> pb::MetricSummary {
+    let mut backends = Vec::new();
+    for (s, name) in desired.iter().zip(names) {
+        for b in s.backends.iter().filter(|b| b.ep.proto == PROTO_TCP) {
+            if let Some(st) = writer.maps().backend_stats(&b.ep) {
+                backends.push(pb::BackendCounters {
+                    service: name.clone(),
+                    address: b.ep.socket_addr().to_string(),
+                    connects: st.connects,
+                    failed: st.failed,
+                    resets: st.resets,
+                });
+            }
+        }
+    }
+    pb::MetricSummary { backends }
+}
 
 /// Re-applies the revision in force when the set of isolated backends changed.
 fn look_at_outliers(
@@ -238,6 +259,7 @@ async fn session_inner(
     let mut mirror: Option<Mirror> = None;
     let mut wanted: Vec<desired::DesiredService> = Vec::new();
     let mut tick = tokio::time::interval(OUTLIER_LOOK);
+    let mut summaries = tokio::time::interval(SUMMARY_EVERY);
     loop {
         let msg = tokio::select! {
             m = inbound.message() => match m? {
@@ -247,6 +269,14 @@ async fn session_inner(
             _ = tick.tick() => {
                 if let Some(m) = &mirror {
                     look_at_outliers(site, writer, &wanted, m.revision)?;
+                }
+                continue;
+            }
+            _ = summaries.tick() => {
+                let names: Vec<String> = wanted.iter().map(|d| d.name.clone()).collect();
+                let sum = summary(writer, &wanted, &names);
+                if !sum.backends.is_empty() && tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Metrics(sum)) }).await.is_err() {
+                    return Err(LinkError::Closed);
                 }
                 continue;
             }

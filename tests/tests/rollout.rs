@@ -432,3 +432,32 @@ fn a_draining_instance_stops_when_its_connections_close_or_at_its_deadline() {
     assert!(e.contains("Connections"), "{early} stopped once its connections closed: {e}");
     assert!(l.contains("Deadline"), "{late} stopped at its drain deadline: {l}");
 }
+
+#[test]
+fn an_analysis_gate_rolls_back_a_version_that_resets_its_connections() {
+    let rig = Rig::new("gate", 8);
+    let stop = rig.dir.join("stop");
+    let loops = rig.load(&stop);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = rig.push(
+        "v2",
+        &["--reset-half"],
+        &["--strategy", "rolling", "--max-surge", "1", "--max-unavailable", "0", "--gate", "1:analysis=3s,10%"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a failed gate ends the push with exit 1: {err}");
+    assert!(err.contains("rolled-back") && err.contains("analysis after step 1") && err.contains("web v2"), "{err}");
+    let results = finish(loops, &stop);
+    let failed: u64 = results.iter().map(|s| s.failed).sum();
+    let sent: u64 = results.iter().map(|s| s.ok + s.failed).sum();
+    println!("requests failed before the rollback: {failed} of {sent}");
+    assert!(failed > 0, "v2 really reset connections: {results:?}");
+    assert!(failed * 4 < sent, "the gate's window bounds the damage: {failed} of {sent}");
+    assert_eq!(rig.versions(), vec!["v1".to_owned(); 6], "back on v1");
+    let r = rig.rollout();
+    assert_eq!(r["state"], "rolled-back", "{r}");
+    assert!(
+        r["message"].as_str().unwrap_or("").contains("failed or were reset"),
+        "status says which gate failed and the measured values: {r}"
+    );
+}

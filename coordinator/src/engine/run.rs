@@ -56,7 +56,8 @@ pub async fn run(shared: Arc<Shared>) {
         }
         match result {
             Ok(Outcome::Done) => {
-                r.phase = if r.message.starts_with("abort") { Phase::RolledBack } else { Phase::Done };
+                let back = r.message.starts_with("abort") || r.message.starts_with("rollback");
+                r.phase = if back { Phase::RolledBack } else { Phase::Done };
                 r.previous_yaml = Some(r.target_yaml.clone());
                 r.note(format!("target reached after {} steps", r.step));
                 info!(rollout = %r.id, steps = r.step, "rollout done");
@@ -72,6 +73,22 @@ pub async fn run(shared: Arc<Shared>) {
                     r.message = format!("approval after step {}: hitless promote (or abort)", r.step);
                 }
                 info!(rollout = %r.id, step = r.step, "step done");
+            }
+            Ok(Outcome::GateFailed { line, why }) => {
+                r.step += 1;
+                r.note(format!("step {}: {line} ({} ms)", r.step, started.elapsed().as_millis()));
+                r.note(format!("gate failed: {why}"));
+                warn!(rollout = %r.id, step = r.step, %why, "analysis gate failed: rolling back");
+                match r.previous_yaml.clone() {
+                    Some(back) => {
+                        r.target_yaml = back;
+                        r.message = format!("rollback: {why}");
+                    }
+                    None => {
+                        r.phase = Phase::Failed;
+                        r.message = format!("gate failed and there is no previous architecture to return to: {why}");
+                    }
+                }
             }
             Err(e) => {
                 warn!(rollout = %r.id, step = r.step + 1, error = %e, "rollout failed");
@@ -89,7 +106,16 @@ pub async fn run(shared: Arc<Shared>) {
 
 enum Outcome {
     Done,
-    Stepped { gate: Option<Gate>, line: String, stops: Vec<String> },
+    Stepped {
+        gate: Option<Gate>,
+        line: String,
+        stops: Vec<String>,
+    },
+    /// The step's analysis gate failed: roll back.
+    GateFailed {
+        line: String,
+        why: String,
+    },
 }
 
 /// What runs, for the services of `arch` and any service with instances run by agents.
@@ -141,7 +167,58 @@ async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, String> {
     }
     let next = r.step as usize + 1;
     let gate = step.gate.or_else(|| gates.iter().find(|g| g.step == next).map(|g| g.gate.clone()));
+    // The way back (a rollback or an abort) passes no gate: it must not stop half-way.
+    let rolling_back = r.message.starts_with("rollback") || r.message.starts_with("abort");
+    if rolling_back {
+        return Ok(Outcome::Stepped { gate: None, line: line.join(", "), stops });
+    }
+    if let Some(Gate::Analysis { window, max_error_permille }) = &gate {
+        if let Err(why) = analyse(shared, &arch, &step.services, window.to_std(), *max_error_permille, next).await {
+            return Ok(Outcome::GateFailed { line: line.join(", "), why });
+        }
+        return Ok(Outcome::Stepped { gate: None, line: line.join(", "), stops });
+    }
     Ok(Outcome::Stepped { gate, line: line.join(", "), stops })
+}
+
+/// Watches the new version of the step's services for `window`: the share of its connects
+/// (from every node's clients) that failed or were reset must stay at or under the limit.
+async fn analyse(
+    shared: &Shared,
+    arch: &Architecture,
+    services: &BTreeMap<String, ServiceOps>,
+    window: Duration,
+    max_permille: u32,
+    step: usize,
+) -> Result<(), String> {
+    let before = shared.version_totals();
+    tokio::time::sleep(window).await;
+    // Agents report every second: wait for one more report to cover the window's end.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = shared.version_totals();
+    for s in arch.services.iter().filter(|s| services.contains_key(&s.name)) {
+        let key = (s.name.clone(), s.version.clone());
+        let (c0, f0, r0) = before.get(&key).copied().unwrap_or_default();
+        let (c1, f1, r1) = after.get(&key).copied().unwrap_or_default();
+        let attempts = (c1 - c0.min(c1)) + (f1 - f0.min(f1));
+        let errors = (f1 - f0.min(f1)) + (r1 - r0.min(r1));
+        if attempts == 0 {
+            info!(service = %s.name, version = %s.version, "analysis: no traffic to judge in the window");
+            continue;
+        }
+        let permille = errors * 1000 / attempts;
+        info!(service = %s.name, version = %s.version, attempts, errors, permille, "analysis");
+        if permille > u64::from(max_permille) {
+            return Err(format!(
+                "analysis after step {step}: {} {}: {errors} of {attempts} connects failed or were reset ({:.1} %) over {window:?}, above the {:.1} % allowed",
+                s.name,
+                s.version,
+                permille as f64 / 10.0,
+                f64::from(max_permille) / 10.0
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Longest wait for the agents of nodes that run instances to (re)connect.

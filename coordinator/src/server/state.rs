@@ -77,7 +77,12 @@ pub struct Shared {
     tombstones: Mutex<BTreeMap<Key, Instant>>,
     /// Longest wait for a new instance to become healthy.
     pub health_timeout: Duration,
+    /// Each node's latest per-backend totals: node -> (service, address) -> counters.
+    counters: Mutex<BTreeMap<String, BTreeMap<Key, pb::BackendCounters>>>,
 }
+
+/// Totals of one version of a service over every node: (connects, failed, resets).
+pub type VersionTotals = BTreeMap<(String, String), (u64, u64, u64)>;
 
 /// How long a stopped instance stays in the registry as `down`: clients whose registry
 /// cache still lists it (caches refresh every 30 s; Eureka can lag 2 minutes) keep being
@@ -125,6 +130,7 @@ impl Shared {
             wake: Notify::new(),
             tombstones: Mutex::new(BTreeMap::new()),
             health_timeout,
+            counters: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -269,6 +275,28 @@ impl Shared {
         }
         let revision = self.commit(&mut inner, &changes)?;
         Ok((revision, unknown))
+    }
+
+    /// Records a node's metric summary.
+    pub fn metrics(&self, node: &str, m: pb::MetricSummary) {
+        let map = m.backends.into_iter().map(|b| ((b.service.clone(), b.address.clone()), b)).collect();
+        lock(&self.counters).insert(node.to_owned(), map);
+    }
+
+    /// What every node's clients saw, per (service, version), summed over nodes; the
+    /// version of an address is the registry's.
+    pub fn version_totals(&self) -> VersionTotals {
+        let mut out = VersionTotals::new();
+        for per_node in lock(&self.counters).values() {
+            for (key, c) in per_node {
+                let version = self.instance(key).map(|i| i.version).unwrap_or_default();
+                let e = out.entry((key.0.clone(), version)).or_default();
+                e.0 += c.connects;
+                e.1 += c.failed;
+                e.2 += c.resets;
+            }
+        }
+        out
     }
 
     /// Marks a stopped instance down and keeps it for [`TOMBSTONE_TTL`].
