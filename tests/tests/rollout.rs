@@ -455,6 +455,7 @@ fn an_analysis_gate_rolls_back_a_version_that_resets_its_connections() {
     assert!(failed * 4 < sent, "the gate's window bounds the damage: {failed} of {sent}");
     assert_eq!(rig.versions(), vec!["v1".to_owned(); 6], "back on v1");
     let r = rig.rollout();
+    println!("status: {}", r["message"]);
     assert_eq!(r["state"], "rolled-back", "{r}");
     assert!(
         r["message"].as_str().unwrap_or("").contains("failed or were reset"),
