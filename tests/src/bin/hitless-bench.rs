@@ -11,8 +11,8 @@
 //! per-backend connects, failures, latency histogram, open connections) attached and
 //! detached, against direct, in one run.
 //!
-//! `datapath`: connect+close rate to a VIP through the hook with 1, 1,000 and 10,000
-//! services, against dialling the backend directly without the hook; then the same
+//! `datapath`: connect+close rate to a VIP through the steering hook (the counting
+//! program detached; `metrics` measures it) with 1, 1,000 and 10,000 services, against dialling the backend directly without the hook; then the same
 //! through iptables DNAT chains of 1, 1,000 and 10,000 rules (kube-proxy's iptables
 //! mode), against direct with the nat table loaded.
 
@@ -202,6 +202,8 @@ fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
         node.start_agent();
         // The datapath is pinned: measure without the agent running beside it.
         node.kill_agent();
+        // Steering only: the counting program has its own benchmark (`metrics`).
+        std::fs::remove_file(node.pin_dir.join("links/hl_sockops")).context("detaching sockops")?;
         nodes.push(node);
     }
     let mut cgroups: BTreeMap<std::path::PathBuf, &Cgroup> = BTreeMap::new();
