@@ -188,8 +188,21 @@ impl Drop for Dnat {
     }
 }
 
+/// Kernel time spent in a node's program and its number of runs (with
+/// `kernel.bpf_stats_enabled`): the program's own cost, free of the machine's noise.
+fn prog_stats(pin_dir: &std::path::Path, prog: &str) -> Option<(u64, u64)> {
+    let link = aya::programs::links::PinnedLink::from_pin(pin_dir.join("links").join(prog)).ok()?;
+    let id = aya::programs::links::FdLink::from(link).info().ok()?.program_id();
+    let info = aya::programs::loaded_programs().flatten().find(|p| p.id() == id)?;
+    Some((info.run_time().as_nanos() as u64, info.run_count()))
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
 fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
     require_root();
+    let stats_before = std::fs::read_to_string(BPF_STATS).ok();
+    let _ = std::fs::write(BPF_STATS, "1");
     let mut sink = Command::new(bin("hitless-probe"));
     sink.args(["sink", "--tcp", SINK, "--cpu", "1"]);
     let _sink = spawn_ready(sink);
@@ -223,7 +236,21 @@ fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
         });
     }
     eprintln!("measuring the hook: {} configs x {rounds} rounds x {count} connects", a.len());
+    let before: Vec<Option<(u64, u64)>> = nodes.iter().map(|n| prog_stats(&n.pin_dir, "hl_connect4")).collect();
     let ra = measure(&a, &cgroups, count, rounds)?;
+    let after: Vec<Option<(u64, u64)>> = nodes.iter().map(|n| prog_stats(&n.pin_dir, "hl_connect4")).collect();
+    if let Some(v) = stats_before {
+        let _ = std::fs::write(BPF_STATS, v.trim());
+    }
+    // ns per run of cgroup/connect4, and its share of a direct connect+close.
+    let per_run: Vec<Option<f64>> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| match (b, a) {
+            (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => Some((t1 - t0) as f64 / (n1 - n0) as f64),
+            _ => None,
+        })
+        .collect();
 
     let (dnat, vips) = Dnat::install()?;
     let mut b = vec![Config { label: "direct, nat table loaded".into(), ..direct() }];
@@ -249,6 +276,25 @@ fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
         println!("| {} | {:.0} | {:.3} |", c.label, median(r.clone()), ratio(r, &rb[0]));
     }
     println!("hook, 10,000 vs 1 service: {:.3}x the time per connect (target <= 1.05)", ratio(&ra[1], &ra[3]));
+    let connect_ns = 1e9 / median(ra[0].clone());
+    println!(
+        "\nthe program's own cost (kernel.bpf_stats_enabled; a direct connect+close takes {:.1} µs here):",
+        connect_ns / 1e3
+    );
+    println!("| services | ns per connect4 run | share of a connect+close |");
+    println!("|---:|---:|---:|");
+    for (n, ns) in SIZES.iter().zip(&per_run) {
+        match ns {
+            Some(ns) => println!("| {n} | {ns:.0} | {:.2} % |", 100.0 * ns / connect_ns),
+            None => println!("| {n} | n/a | n/a |"),
+        }
+    }
+    if let (Some(Some(one)), Some(Some(many))) = (per_run.first(), per_run.last()) {
+        println!(
+            "connect time at 10,000 vs 1 service from the program's cost: {:.4}x",
+            (connect_ns + many) / (connect_ns + one)
+        );
+    }
     println!("DNAT, 10,000 vs 1 rule:    {:.3}x the time per connect", ratio(&rb[1], &rb[3]));
     Ok(())
 }
