@@ -276,7 +276,7 @@ fn state_pb(s: BackendState) -> pb::InstanceState {
 
 /// Checks an instance from a request, naming the field at fault.
 pub fn validate_instance(i: &pb::Instance, at: &str) -> Result<pb::Instance, RegistryError> {
-    validate_key(&i.service, &i.address, at)?;
+    let (_, address) = validate_key(&i.service, &i.address, at)?;
     if pb::InstanceState::try_from(i.state).is_err() {
         return Err(invalid(
             format!("{at}.state"),
@@ -295,21 +295,14 @@ pub fn validate_instance(i: &pb::Instance, at: &str) -> Result<pb::Instance, Reg
         return Err(invalid(format!("{at}.version"), "is longer than 128 bytes", "use a short version label"));
     }
     let mut i = i.clone();
-    // Normalise the address text so that one instance has one key.
-    if let Ok(a) = i.address.parse::<SocketAddr>() {
-        i.address = a.to_string();
-    }
+    i.address = address;
     Ok(i)
 }
 
-/// Checks a (service, address) pair from a request.
-pub fn validate_key(service: &str, address: &str, at: &str) -> Result<(), RegistryError> {
-    let b = service.as_bytes();
-    let name_ok = !b.is_empty()
-        && b.len() <= 63
-        && b[0].is_ascii_lowercase()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
-    if !name_ok {
+/// Checks a (service, address) pair from a request and returns it as a key, the address
+/// in canonical form so that one instance has one key.
+pub fn validate_key(service: &str, address: &str, at: &str) -> Result<Key, RegistryError> {
+    if !hitless_model::registry::valid_name(service) {
         return Err(invalid(
             format!("{at}.service"),
             format!("{service:?} is not a valid service name"),
@@ -317,7 +310,7 @@ pub fn validate_key(service: &str, address: &str, at: &str) -> Result<(), Regist
         ));
     }
     match address.parse::<SocketAddr>() {
-        Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok(()),
+        Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok((service.to_owned(), a.to_string())),
         _ => Err(invalid(
             format!("{at}.address"),
             format!("{address:?} is not an IP address with a port"),

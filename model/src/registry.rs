@@ -270,7 +270,9 @@ fn choice<T: Copy>(d: &mut Decoder, path: &str, v: &Value, options: &[(&str, T)]
     None
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` is a valid service name: 1 to 63 lowercase letters, digits and `-`,
+/// starting with a letter.
+pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 63

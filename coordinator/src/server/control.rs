@@ -31,13 +31,12 @@ pub struct ControlApi {
 impl ControlApi {
     async fn barrier(&self, req: pb::DrainRequest, state: pb::InstanceState) -> Result<pb::DrainResponse, Status> {
         let k = req.key.ok_or_else(|| Status::invalid_argument("key: missing; give { service, address }"))?;
-        validate_key(&k.service, &k.address, "key")?;
-        let address = k.address.parse::<std::net::SocketAddr>().map(|a| a.to_string()).unwrap_or(k.address);
+        let key = validate_key(&k.service, &k.address, "key")?;
         let timeout = match req.timeout_ms {
             0 => DEFAULT_DRAIN_TIMEOUT,
             ms => Duration::from_millis(ms.min(600_000)),
         };
-        barrier(&self.shared, (k.service, address), state, timeout).await
+        barrier(&self.shared, key, state, timeout).await
     }
 }
 

@@ -23,10 +23,7 @@ pub struct RegistryApi {
 
 fn key(k: Option<&pb::InstanceKey>, at: &str) -> Result<Key, Status> {
     let k = k.ok_or_else(|| Status::invalid_argument(format!("{at}: missing; give {{ service, address }}")))?;
-    validate_key(&k.service, &k.address, at)?;
-    let address =
-        k.address.parse::<std::net::SocketAddr>().map(|a| a.to_string()).unwrap_or_else(|_| k.address.clone());
-    Ok((k.service.clone(), address))
+    Ok(validate_key(&k.service, &k.address, at)?)
 }
 
 #[tonic::async_trait]
