@@ -256,6 +256,14 @@ async fn session_inner(
     *backoff = MIN_BACKOFF;
     let _crash_watch = site.driver.clone().map(|d| tokio::spawn(watch_crashes(d, tx.clone())));
     let _guard = AbortOnDrop(_crash_watch);
+    // An instance adopted while starting (its agent died before it was healthy) has no
+    // health check running: watch it again, so the coordinator hears when it serves.
+    if let Some(d) = &site.driver {
+        for i in d.list().into_iter().filter(|i| i.state == InstanceState::Starting) {
+            let (d, tx) = (Arc::clone(d), tx.clone());
+            tokio::spawn(async move { watch_health(&d, &i, "", ADOPTED_HEALTH_TIMEOUT, &tx).await });
+        }
+    }
     let mut mirror: Option<Mirror> = None;
     let mut wanted: Vec<desired::DesiredService> = Vec::new();
     let mut tick = tokio::time::interval(OUTLIER_LOOK);
@@ -418,22 +426,37 @@ async fn start_instance(driver: Arc<Driver>, op: pb::StartInstance, tx: mpsc::Se
         send_report(&tx, r).await;
     }
     let timeout = Duration::from_millis(op.health_timeout_ms.max(1_000));
+    watch_health(&driver, &info, &op.op_id, timeout, &tx).await;
+}
+
+/// Waits until the instance is healthy and reports it serving; an instance that never
+/// becomes healthy is stopped at once (nothing left behind) and reported failed.
+async fn watch_health(
+    driver: &Driver,
+    info: &InstanceInfo,
+    op_id: &str,
+    timeout: Duration,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) {
+    let mut r = report(info, op_id).unwrap_or_default();
     match driver.wait_healthy(&info.id, timeout).await {
         Ok(()) => {
-            let mut r = report(&info, &op.op_id).unwrap_or_default();
             r.phase = pb::InstancePhase::Serving as i32;
             info!(service = %info.service, id = %info.id, address = %r.address, "instance healthy");
-            send_report(&tx, r).await;
         }
         Err(e) => {
-            let address = SocketAddr::new(info.address.into(), info.port).to_string();
-            warn!(service = %info.service, id = %info.id, %address, error = %e, "instance never became healthy");
-            // Leave nothing behind: a failed instance is stopped at once.
+            warn!(service = %info.service, id = %info.id, address = %r.address, error = %e, "instance never became healthy");
             let _ = driver.stop(&info.id, || 0).await;
-            send_report(&tx, failed(e.to_string(), address)).await;
+            r.phase = pb::InstancePhase::Failed as i32;
+            r.detail = e.to_string();
         }
     }
+    send_report(tx, r).await;
 }
+
+/// Longest health wait for an instance adopted while it was starting (its start
+/// operation's own timeout died with the previous agent).
+const ADOPTED_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the stop sequence, reading the instance's open connections from the kernel.
 async fn stop_instance(

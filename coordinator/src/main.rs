@@ -10,6 +10,7 @@ use hitless_coordinator::planner::{self, PlanError};
 use hitless_coordinator::{render, Amount, GateSpec, Strategy, Target};
 use hitless_model::{Architecture, Cluster};
 
+mod demo;
 mod remote;
 
 /// Zero-downtime rollouts for microservices, enforced by eBPF in every node's kernel.
@@ -50,6 +51,12 @@ enum Command {
     Abort,
     /// Print the running architecture as an architecture file (for `plan --current`).
     Pull,
+    /// Roll a demo service v1 → v2 on simulated nodes the hitless way and the
+    /// conventional way, and compare (root; builds nothing, needs the sibling binaries).
+    Demo(demo::DemoArgs),
+    /// The demo's load generator (run by `hitless demo` inside a node's cgroup).
+    #[command(hide = true)]
+    DemoClient(demo::client::ClientArgs),
 }
 
 #[derive(Args)]
@@ -132,6 +139,12 @@ fn main() -> ExitCode {
         Command::Promote => remote::control(url, "promote").map_err(Failure::from),
         Command::Abort => remote::control(url, "abort").map_err(Failure::from),
         Command::Pull => remote::pull(url).map_err(Failure::from),
+        Command::Demo(args) => match demo::run(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Failure::Failed(anyhow::anyhow!("the hitless way lost requests (see the table)"))),
+            Err(e) => Err(Failure::Failed(e)),
+        },
+        Command::DemoClient(args) => demo::client::run(&args).map_err(Failure::Failed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+pub mod rig;
+
 /// Fails the test with what is missing when it cannot touch the kernel.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -3,87 +3,11 @@
 //! every node, and clients with stale caches dialling one instance address directly.
 //! Run as root.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use hitless_tests::{bin, Coordinator, Node, Summary};
-
-const VIP: &str = "127.77.60.1:8080";
-
-fn architecture(nodes: &[Node], version: &str, per_node: u32) -> String {
-    architecture_with(nodes, version, per_node, &[], VIP)
-}
-
-fn architecture_with(nodes: &[Node], version: &str, per_node: u32, extra: &[&str], vip: &str) -> String {
-    let svc = bin("hitless-testsvc");
-    let placement: Vec<String> = nodes.iter().map(|n| format!("{}: {per_node}", n.name)).collect();
-    let extra: String = extra.iter().map(|e| format!(", \"{e}\"")).collect();
-    format!(
-        "services:\n  - name: web\n    version: {version}\n    port: 8080\n    vips: [\"{vip}\"]\n    run: {{ command: [\"{}\", \"--listen\", \"{{address}}:{{port}}\", \"--version\", \"{version}\"{extra}] }}\n    health: {{ http: /healthz }}\n    prestop: {{ http: /drain }}\n    drain_deadline: 5s\n    placement: {{ {} }}\n",
-        svc.display(),
-        placement.join(", ")
-    )
-}
-
-fn nodes(coord: &Coordinator, name: &str, k: u8) -> Vec<Node> {
-    (0..3)
-        .map(|i| {
-            let mut n = Node::new(&format!("{name}{i}"));
-            let workload = n.cgroup.path().join("workload");
-            let state = n.dir.join("state");
-            let pool = format!("127.16{k}.{i}.0/24");
-            n.agent_args(&[
-                "--workload-cgroup",
-                workload.to_str().expect("utf-8"),
-                "--instance-addresses",
-                &pool,
-                "--state-dir",
-                state.to_str().expect("utf-8"),
-            ]);
-            n.follow(&coord.url);
-            n.spawn_agent();
-            n
-        })
-        .collect()
-}
-
-fn push(coord: &Coordinator, dir: &Path, arch: &str, strategy: &[&str]) -> std::process::Output {
-    let file = dir.join("arch.yaml");
-    std::fs::write(&file, arch).expect("architecture file");
-    let mut args = vec!["push", "--target", file.to_str().expect("utf-8"), "--wait"];
-    args.extend_from_slice(strategy);
-    coord.cli(&args)
-}
-
-fn http_loop(node: &Node, addr: &str, stop: &Path) -> Child {
-    node.cgroup
-        .command(bin("hitless-probe"))
-        .args(["http-loop", addr, "--max-secs", "120", "--pause-ms", "5", "--stop-file"])
-        .arg(stop)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("http loop")
-}
-
-fn finish(children: Vec<Child>, stop: &Path) -> Vec<Summary> {
-    std::fs::write(stop, "").expect("stop file");
-    children
-        .into_iter()
-        .map(|c| serde_json::from_slice(&c.wait_with_output().expect("loop").stdout).expect("summary"))
-        .collect()
-}
-
-/// Serving instances of `web` (stopped ones stay listed as `down` for stale clients).
-fn instances(coord: &Coordinator) -> Vec<serde_json::Value> {
-    let list = coord.json(&["registry", "list", "-o", "json"]);
-    let all = list["services"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
-        .and_then(|s| s["instances"].as_array().cloned())
-        .unwrap_or_default();
-    all.into_iter().filter(|i| i["state"] == "serving").collect()
-}
+use hitless_tests::rig::{architecture, assert_no_loss, finish, http_loop, instances, nodes, pids, push, Rig, VIP};
+use hitless_tests::Coordinator;
 
 #[test]
 fn a_rolling_update_under_load_loses_no_request_and_a_plain_stop_does() {
@@ -151,86 +75,6 @@ fn a_rolling_update_under_load_loses_no_request_and_a_plain_stop_does() {
     std::thread::sleep(Duration::from_millis(500));
     let base = finish(vec![stale], &stop).remove(0);
     assert!(base.failed > 0, "stopping without a drain should lose requests of a stale client: {base:?}");
-}
-
-/// A coordinator and three nodes running web v1 (2 instances each), with VIP `vip`.
-struct Rig {
-    coord: Coordinator,
-    nodes: Vec<Node>,
-    dir: PathBuf,
-    vip: String,
-}
-
-impl Rig {
-    fn new(name: &str, k: u8) -> Self {
-        let coord = Coordinator::start(name, &format!("127.130.{}.1:7070", 10 + k));
-        let nodes = nodes(&coord, name, k);
-        coord.wait_synced(3);
-        let dir = nodes[0].dir.clone();
-        let rig = Self { coord, nodes, dir, vip: format!("127.77.6{k}.1:8080") };
-        let out = rig.push("v1", &[], &["--strategy", "straight"]);
-        assert!(out.status.success(), "first deploy: {}", String::from_utf8_lossy(&out.stderr));
-        rig
-    }
-
-    fn arch(&self, version: &str, extra: &[&str]) -> String {
-        architecture_with(&self.nodes, version, 2, extra, &self.vip)
-    }
-
-    fn push(&self, version: &str, extra: &[&str], strategy: &[&str]) -> std::process::Output {
-        push(&self.coord, &self.dir, &self.arch(version, extra), strategy)
-    }
-
-    /// Starts a push without waiting.
-    fn push_async(&self, version: &str, strategy: &[&str]) {
-        let file = self.dir.join("arch.yaml");
-        std::fs::write(&file, self.arch(version, &[])).expect("architecture file");
-        let mut args = vec!["push", "--target", file.to_str().expect("utf-8")];
-        args.extend_from_slice(strategy);
-        let out = self.coord.cli(&args);
-        assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn rollout(&self) -> serde_json::Value {
-        self.coord.json(&["status", "-o", "json"])["rollout"].clone()
-    }
-
-    fn wait_state(&self, states: &[&str]) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let r = self.rollout();
-            if states.iter().any(|s| r["state"] == *s) {
-                return r;
-            }
-            assert!(std::time::Instant::now() < deadline, "rollout never reached {states:?}: {r}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// HTTP load through the VIP on every node, plus a stale client per node.
-    fn load(&self, stop: &Path) -> Vec<Child> {
-        let _ = std::fs::remove_file(stop);
-        let serving = instances(&self.coord);
-        let mut loops = Vec::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            loops.push(http_loop(n, &self.vip, stop));
-            if let Some(a) = serving.get(i).and_then(|x| x["address"].as_str()) {
-                loops.push(http_loop(n, a, stop));
-            }
-        }
-        loops
-    }
-
-    fn versions(&self) -> Vec<String> {
-        instances(&self.coord).iter().map(|i| i["version"].as_str().unwrap_or("").to_owned()).collect()
-    }
-}
-
-fn assert_no_loss(results: &[Summary], what: &str) {
-    for (k, s) in results.iter().enumerate() {
-        assert!(s.ok > 5, "{what}: client {k} ran: {s:?}");
-        assert_eq!(s.failed, 0, "{what}: client {k} lost requests: {s:?}");
-    }
 }
 
 #[test]
@@ -331,58 +175,6 @@ fn a_rollout_can_be_paused_resumed_retargeted_and_aborted() {
     assert_eq!(out.status.code(), Some(1), "nothing left to abort: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(rig.versions(), vec!["v1".to_owned(); 6], "abort returns to v1");
     assert_no_loss(&finish(loops, &stop), "pause/retarget/abort");
-}
-
-#[test]
-fn killing_the_coordinator_mid_rollout_loses_nothing_and_it_completes() {
-    let seed: u64 = std::env::var("HITLESS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    });
-    println!("HITLESS_SEED={seed}");
-    let mut rig = Rig::new("chaos", 5);
-    let mut rng = seed;
-    for round in 0..3 {
-        let version = format!("v{}", round + 2);
-        let stop = rig.dir.join("stop");
-        let loops = rig.load(&stop);
-        rig.push_async(&version, &["--strategy", "rolling", "--max-surge", "1", "--max-unavailable", "0"]);
-        // xorshift: a reproducible kill moment in the first 1.5 s of the rollout.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let after = Duration::from_millis(100 + rng % 1400);
-        std::thread::sleep(after);
-        println!("round {round}: SIGKILL the coordinator {after:?} into the rollout");
-        rig.coord.kill();
-        std::thread::sleep(Duration::from_millis(200));
-        rig.coord.restart();
-        rig.wait_state(&["done"]);
-        std::thread::sleep(Duration::from_millis(200));
-        assert_no_loss(&finish(loops, &stop), &format!("kill round {round} (seed {seed})"));
-        let v = rig.versions();
-        assert_eq!(v, vec![version.clone(); 6], "round {round} (seed {seed}): no instance orphaned or doubled");
-        let running: usize = rig.coord.json(&["status", "-o", "json"])["rollout"]["services"][0]["new_serving"]
-            .as_u64()
-            .unwrap_or(0) as usize;
-        assert_eq!(running, 6, "round {round} (seed {seed}): agents run exactly the target");
-    }
-}
-
-/// Pids of the instances listening in `pool_prefix` (e.g. "127.166.0."), by address.
-fn pids(pool_prefix: &str) -> std::collections::BTreeMap<String, String> {
-    let out = std::process::Command::new("pgrep")
-        .args(["-a", "-f", &format!("listen {pool_prefix}")])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let pid = it.next()?.to_owned();
-            let addr = l.split("--listen ").nth(1)?.split_whitespace().next()?.to_owned();
-            Some((addr, pid))
-        })
-        .collect()
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //!
 //! - `cargo xtask ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed
 //!   `ebpf/*.bpf.o`, or check that the committed objects match their sources.
-//! - `cargo xtask demo`: build in release mode and run the local demo (as root).
+//! - `cargo xtask demo [-- ARGS]`: build in release mode and run `hitless demo` (as root).
 //! - `cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]`: build in release mode and
 //!   run the benchmarks; each prints ratios against a baseline measured in the same run.
 
@@ -13,9 +13,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")),
-        Some("demo") => demo(),
+        Some("demo") => demo(&args[1..]),
         Some("bench") => bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]),
-        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask demo | cargo xtask bench [datapath|propagation|metrics|planner|all]".to_owned()),
+        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask demo [-- ARGS] | cargo xtask bench [datapath|propagation|metrics|planner|all]".to_owned()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,9 +150,22 @@ fn bench(which: &str, rest: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn demo() -> Result<(), String> {
+/// Builds the binaries `hitless demo` runs (the CLI, the agent, the demo service) and
+/// runs it, passing any further arguments on (`cargo xtask demo -- --nodes 5`).
+fn demo(rest: &[String]) -> Result<(), String> {
     let mut c = cargo();
-    c.args(["build", "--quiet", "--release", "-p", "hitless-agent", "-p", "hitless-tests"]);
+    c.args(["build", "--quiet", "--release", "-p", "hitless-coordinator", "-p", "hitless-agent"]).args([
+        "-p",
+        "hitless-tests",
+        "--bin",
+        "hitless",
+        "--bin",
+        "hitless-agent",
+        "--bin",
+        "hitless-testsvc",
+    ]);
     run(c, "building the demo")?;
-    run(Command::new(root().join("target/release/hitless-demo-static")), "the demo (needs root)")
+    let mut d = Command::new(root().join("target/release/hitless"));
+    d.arg("demo").args(rest.iter().filter(|a| *a != "--"));
+    run(d, "hitless demo (needs root)")
 }

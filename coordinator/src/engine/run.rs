@@ -33,6 +33,7 @@ pub const GRACE: Duration = Duration::from_secs(10);
 
 /// Runs rollouts forever.
 pub async fn run(shared: Arc<Shared>) {
+    let mut interruptions = 0;
     loop {
         let woken = shared.wake.notified();
         tokio::pin!(woken);
@@ -42,7 +43,20 @@ pub async fn run(shared: Arc<Shared>) {
             continue;
         };
         let started = Instant::now();
-        let result = step(&shared, &r).await;
+        let result = match step(&shared, &r).await {
+            Err(StepError::Interrupted(why)) if interruptions < MAX_INTERRUPTIONS => {
+                interruptions += 1;
+                info!(rollout = %r.id, step = r.step + 1, %why, "step interrupted; observing again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(StepError::Interrupted(why)) => {
+                Err(format!("{why} ({MAX_INTERRUPTIONS} times in a row: is an agent restarting in a loop?)"))
+            }
+            Err(StepError::Failed(e)) => Err(e),
+            Ok(o) => Ok(o),
+        };
+        interruptions = 0;
         // A push, pause or abort may have replaced the record while the step ran.
         if let Some(now) = shared.rollout() {
             if now.id != r.id || now.target_yaml != r.target_yaml || now.phase != r.phase {
@@ -104,6 +118,49 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// Why a step did not finish.
+#[derive(Debug)]
+enum StepError {
+    /// It cannot go on: the rollout fails with this message.
+    Failed(String),
+    /// An agent restarted mid-step, so the reports it owed for operations of its old
+    /// session will never come: observe again and carry on from what really runs.
+    Interrupted(String),
+}
+
+impl From<String> for StepError {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
+/// How often a wait for agents' reports checks that their sessions are still the ones
+/// that were sent the operations.
+const SESSION_CHECK: Duration = Duration::from_millis(100);
+
+/// Each node's session in force.
+fn sessions(shared: &Shared) -> BTreeMap<String, u64> {
+    shared.nodes().into_iter().map(|(n, i)| (n, i.session)).collect()
+}
+
+/// `Interrupted` when the agent of one of `nodes` went away or is not the session that
+/// was sent the operations (it restarted, and the reports it owed are lost).
+fn same_sessions<'a>(
+    shared: &Shared,
+    sent: &BTreeMap<String, u64>,
+    mut nodes: impl Iterator<Item = &'a str>,
+    doing: &str,
+) -> Result<(), StepError> {
+    let now = shared.nodes();
+    match nodes.find(|n| !now.get(*n).is_some_and(|i| i.connected && sent.get(*n) == Some(&i.session))) {
+        Some(n) => Err(StepError::Interrupted(format!("the agent of {n} restarted while {doing}"))),
+        None => Ok(()),
+    }
+}
+
+/// Consecutive interrupted attempts of one step before the rollout fails.
+const MAX_INTERRUPTIONS: u32 = 50;
+
 enum Outcome {
     Done,
     Stepped {
@@ -150,7 +207,7 @@ pub fn observe(shared: &Shared) -> Vec<Observed> {
     out
 }
 
-async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, String> {
+async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, StepError> {
     let arch = r.target()?;
     let target = Target::new(&arch);
     let (strategy, gates) = r.strategy.build().map_err(|p| p.join("; "))?;
@@ -254,6 +311,34 @@ async fn wait_for_nodes(shared: &Shared) -> Result<(), String> {
     }
 }
 
+/// Waits until every node that may steer connects to the instance holds `revision`:
+/// the barrier counts connected agents only, but a node whose agent is down keeps
+/// steering with its last maps (pinned), so stopping the instance before that agent
+/// is back and has applied the drain would refuse that node's clients. The nodes are
+/// those seen since the coordinator started and those that run instances.
+async fn applied_everywhere(shared: &Shared, revision: u64, address: &str) -> Result<(), String> {
+    let deadline = Instant::now() + NODE_WAIT;
+    loop {
+        let nodes = shared.nodes();
+        let mut wanted: std::collections::BTreeSet<String> = nodes.keys().cloned().collect();
+        wanted.extend(shared.snapshot().instances.iter().filter(|i| !i.node.is_empty()).map(|i| i.node.clone()));
+        let behind: Vec<String> = wanted
+            .into_iter()
+            .filter(|n| !nodes.get(n).is_some_and(|x| x.connected && x.applied >= revision))
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "drain of {address} not applied by {} within {NODE_WAIT:?} (agent disconnected): not stopping an instance their clients may still be steered to; restart the agents",
+                behind.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The registry carries every target service with its VIPs.
 fn ensure_services(shared: &Shared, arch: &Architecture) -> Result<(), String> {
     for s in &arch.services {
@@ -275,7 +360,7 @@ async fn execute(
     svc: Option<&hitless_model::Service>,
     ops: &ServiceOps,
     observed: &[Observed],
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, StepError> {
     let mut reports = Vec::new();
     let node_of: BTreeMap<&str, &str> =
         observed.iter().filter(|o| o.service == service).map(|o| (o.address.as_str(), o.node.as_str())).collect();
@@ -350,8 +435,9 @@ async fn start(
     svc: Option<&hitless_model::Service>,
     ops: &ServiceOps,
     observed: &[Observed],
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     let mut reports = shared.reports.subscribe();
+    let sessions = sessions(shared);
     let mut pending: BTreeMap<String, String> = BTreeMap::new(); // op id -> node
     for (i, (version, node, _weight)) in ops.start.iter().enumerate() {
         let Some(svc) = svc else { break };
@@ -390,13 +476,21 @@ async fn start(
     while !pending.is_empty() || !awaiting.is_empty() {
         let wait = deadline.saturating_duration_since(Instant::now());
         if wait.is_zero() {
-            return Err(format!("instances of {service} did not report healthy within {health_timeout:?}"));
+            return Err(format!("instances of {service} did not report healthy within {health_timeout:?}").into());
         }
-        let (node, rep) = match tokio::time::timeout(wait, reports.recv()).await {
+        let (node, rep) = match tokio::time::timeout(wait.min(SESSION_CHECK), reports.recv()).await {
             Ok(Ok(x)) => x,
             Ok(Err(RecvError::Lagged(_))) => continue,
-            Ok(Err(RecvError::Closed)) | Err(_) => {
-                return Err(format!("instances of {service} did not report healthy within {health_timeout:?}"))
+            Err(_) => {
+                let nodes = pending
+                    .values()
+                    .map(String::as_str)
+                    .chain(observed.iter().filter(|o| awaiting.contains(&o.address)).map(|o| o.node.as_str()));
+                same_sessions(shared, &sessions, nodes, "starting instances")?;
+                continue;
+            }
+            Ok(Err(RecvError::Closed)) => {
+                return Err(format!("instances of {service} did not report healthy within {health_timeout:?}").into())
             }
         };
         let ours = pending.contains_key(&rep.op_id) || awaiting.contains(&rep.address);
@@ -413,7 +507,8 @@ async fn start(
                 return Err(format!(
                     "instance {} of {service} on node {node} never became healthy: {}",
                     rep.address, rep.detail
-                ));
+                )
+                .into());
             }
             _ => {}
         }
@@ -449,7 +544,7 @@ async fn stop(
     address: &str,
     node: Option<&str>,
     svc: Option<&hitless_model::Service>,
-) -> Result<String, String> {
+) -> Result<String, StepError> {
     let key = (service.to_owned(), address.to_owned());
     let mut detail = format!("{service} {address}: not run by any agent");
     if shared.instance(&key).is_some() {
@@ -459,12 +554,14 @@ async fn stop(
         if !d.complete {
             let late: Vec<String> =
                 d.nodes.iter().filter(|n| n.connected && !n.acked).map(|n| n.node.clone()).collect();
-            return Err(format!("drain of {address} ({service}) not acknowledged by {}", late.join(", ")));
+            return Err(format!("drain of {address} ({service}) not acknowledged by {}", late.join(", ")).into());
         }
+        applied_everywhere(shared, d.revision, address).await?;
     }
     if let Some(node) = node {
         let deadline = svc.and_then(|s| s.drain_deadline).map_or(DEFAULT_DRAIN_DEADLINE, |d| d.to_std());
         let mut reports = shared.reports.subscribe();
+        let sessions = sessions(shared);
         let op_id = format!("stop-{service}-{address}");
         shared.send_op(
             node,
@@ -477,7 +574,10 @@ async fn stop(
         let until = Instant::now() + deadline + GRACE + Duration::from_secs(10);
         loop {
             let wait = until.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(wait, reports.recv()).await {
+            if wait.is_zero() {
+                return Err(format!("instance {address} of {service} on node {node} did not stop in time").into());
+            }
+            match tokio::time::timeout(wait.min(SESSION_CHECK), reports.recv()).await {
                 Ok(Ok((_, rep))) if rep.address == address && rep.service == service => match rep.phase() {
                     pb::InstancePhase::Stopped | pb::InstancePhase::Crashed => {
                         info!(%service, %address, %node, report = %rep.detail, "instance stopped");
@@ -487,7 +587,10 @@ async fn stop(
                     _ => {}
                 },
                 Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
-                _ => return Err(format!("instance {address} of {service} on node {node} did not stop in time")),
+                Err(_) => same_sessions(shared, &sessions, std::iter::once(node), "stopping an instance")?,
+                Ok(Err(RecvError::Closed)) => {
+                    return Err(format!("instance {address} of {service} on node {node} did not stop in time").into())
+                }
             }
         }
     }

@@ -4,7 +4,8 @@
 //! `GET /drain` answers 200 and turns health to 503 (the pre-stop hook target); any other
 //! request answers 200 with "VERSION ADDR\n". Connections are kept alive until the client
 //! sends `Connection: close` or closes. `--reset-half` resets every second connection
-//! (SO_LINGER 0) instead of answering: a faulty version for rollout tests. On SIGTERM it
+//! (SO_LINGER 0) instead of answering: a faulty version for rollout tests; `--boot-ms`
+//! delays listening, like a service that takes a while to start. On SIGTERM it
 //! stops accepting, finishes the requests of open connections until their clients close
 //! them (answering with `Connection: close` from then on), and exits 0.
 
@@ -36,6 +37,9 @@ struct Args {
     /// Reset every second connection instead of answering.
     #[arg(long)]
     reset_half: bool,
+    /// Time to boot before listening, in milliseconds (a slow-starting service).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    boot_ms: u64,
 }
 
 static TERM: AtomicBool = AtomicBool::new(false);
@@ -53,6 +57,7 @@ fn main() {
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
     }
+    std::thread::sleep(std::time::Duration::from_millis(args.boot_ms));
     let listener = match TcpListener::bind(args.listen) {
         Ok(l) => l,
         Err(e) => {
