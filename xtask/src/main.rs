@@ -121,6 +121,28 @@ fn bench(which: &str, rest: &[String]) -> Result<(), String> {
     if !known.contains(&which) {
         return Err(format!("unknown benchmark {which:?}; one of {}", known.join(", ")));
     }
+    // Each benchmark appends its headline ratios here; printed as one table at the end.
+    let summary = std::env::temp_dir().join(format!("hitless-bench-summary-{}", std::process::id()));
+    let _ = std::fs::remove_file(&summary);
+    std::env::set_var("HITLESS_BENCH_SUMMARY", &summary);
+    let result = run_benches(which, rest);
+    let rows = std::fs::read_to_string(&summary).unwrap_or_default();
+    let _ = std::fs::remove_file(&summary);
+    if !rows.is_empty() {
+        println!("\nsummary: ratios against baselines measured in the same run");
+        println!("| benchmark | measure | ratio | target | |");
+        println!("|---|---|---:|---|---|");
+        for row in rows.lines() {
+            let f: Vec<&str> = row.split('\t').collect();
+            if let [bench, measure, ratio, target, verdict] = f[..] {
+                println!("| {bench} | {measure} | {ratio} | {target} | {verdict} |");
+            }
+        }
+    }
+    result
+}
+
+fn run_benches(which: &str, rest: &[String]) -> Result<(), String> {
     if which == "planner" || which == "all" {
         let mut c = cargo();
         c.args(["run", "--quiet", "--release", "-p", "hitless-coordinator", "--example", "bench_planner", "--"])

@@ -90,6 +90,22 @@ fn measure(
     Ok(samples)
 }
 
+/// One row of the summary `cargo xtask bench` prints after all benchmarks: appended,
+/// tab-separated, to the file named by `HITLESS_BENCH_SUMMARY` when it is set.
+fn summary(bench: &str, measure: &str, ratio: f64, target: &str, met: Option<bool>) {
+    let Some(path) = std::env::var_os("HITLESS_BENCH_SUMMARY") else { return };
+    let verdict = match met {
+        Some(true) => "met",
+        Some(false) => "NOT MET",
+        None => "anchor",
+    };
+    let line = format!("{bench}\t{measure}\t{ratio:.4}\t{target}\t{verdict}\n");
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
+    if let Err(e) = file.and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes())) {
+        eprintln!("cannot append to the summary: {e}");
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -296,6 +312,15 @@ fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
         );
     }
     println!("DNAT, 10,000 vs 1 rule:    {:.3}x the time per connect", ratio(&rb[1], &rb[3]));
+    let hook = ratio(&ra[1], &ra[0]);
+    summary("datapath", "hook (1 service) vs direct: connect+close rate", hook, ">= 0.98", Some(hook >= 0.98));
+    let scale = ratio(&ra[1], &ra[3]);
+    summary("datapath", "hook 10,000 vs 1 service: time per connect", scale, "<= 1.05", Some(scale <= 1.05));
+    if let Some(Some(ns)) = per_run.first() {
+        let share = ns / connect_ns;
+        summary("datapath", "connect4 program time / direct connect+close", share, "<= 0.02", Some(share <= 0.02));
+    }
+    summary("datapath", "iptables DNAT 10,000 vs 1 rule: time per connect", ratio(&rb[1], &rb[3]), "degrades", None);
     Ok(())
 }
 
@@ -379,10 +404,15 @@ fn propagation(drains: usize) -> anyhow::Result<()> {
     println!("\npropagation: decision to the last agent's ack ({drains} barriers each, drain and undrain alternating)");
     println!("| agents | last ack p50 | last ack p99 | drain RPC p50 | drain RPC p99 |");
     println!("|---:|---:|---:|---:|---:|");
-    for (n, a50, a99, r50, r99) in rows {
+    for (n, a50, a99, r50, r99) in &rows {
         println!("| {n} | {a50:.2} ms | {a99:.2} ms | {r50:.2} ms | {r99:.2} ms |");
     }
     println!("anchors: client registry caches refresh every 30 s; Eureka can take 2 min, Nacos 50 s");
+    if let Some((n, _, a99, _, _)) = rows.last() {
+        let share = a99 / 30_000.0;
+        let what = format!("last ack p99 ({n} agents) / a 30 s registry cache refresh");
+        summary("propagation", &what, share, "< 0.001", Some(share < 0.001));
+    }
     Ok(())
 }
 
@@ -429,5 +459,7 @@ fn metrics(count: u32, rounds: usize) -> anyhow::Result<()> {
         println!("| {} | {:.0} | {:.3} |", c.label, median(x.clone()), ratio(x, &r[0]));
     }
     println!("counting costs {:.1} % of the connect rate (target <= 3 %)", (1.0 - ratio(&r[1], &r[2])) * 100.0);
+    let on_off = ratio(&r[1], &r[2]);
+    summary("metrics", "counting on vs off: connect+close rate", on_off, ">= 0.97", Some(on_off >= 0.97));
     Ok(())
 }
