@@ -28,6 +28,14 @@ pub struct ServeArgs {
     /// Longest wait for a new instance to become healthy before its step fails.
     #[arg(long, value_name = "DURATION", default_value = "60s")]
     pub health_timeout: Duration,
+    /// Prometheus server whose HTTP API evaluates analysis gates (http://HOST:PORT);
+    /// without it, gates read the counters agents send.
+    #[arg(long, value_name = "URL")]
+    pub prometheus_url: Option<hitless_coordinator::engine::prometheus::PromUrl>,
+    /// How long after a gate's window Prometheus has scraped the window's last samples
+    /// (about two scrape intervals).
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub prometheus_lag: Duration,
 }
 
 /// `hitless drain` / `hitless undrain`.
@@ -191,8 +199,12 @@ pub fn serve(args: &ServeArgs) -> Result<(), RemoteError> {
                 () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
         };
-        let health = args.health_timeout.to_std();
-        hitless_coordinator::server::serve(args.listen, &args.data_dir, health, |addr| println!("listening on {addr}"), shutdown)
+        let settings = hitless_coordinator::server::Settings {
+            health_timeout: args.health_timeout.to_std(),
+            prometheus: args.prometheus_url.clone(),
+            prometheus_lag: args.prometheus_lag.to_std(),
+        };
+        hitless_coordinator::server::serve(args.listen, &args.data_dir, settings, |addr| println!("listening on {addr}"), shutdown)
             .await
             .map_err(|e| RemoteError::Failed(e.into()))
     })

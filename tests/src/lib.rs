@@ -436,6 +436,7 @@ pub struct Coordinator {
     /// `http://ADDR`.
     pub url: String,
     listen: String,
+    extra: Vec<String>,
     /// Its data directory.
     pub data_dir: PathBuf,
     proc: Option<Proc>,
@@ -444,9 +445,15 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts a coordinator on `listen` (e.g. `127.130.1.1:7070`) with a fresh data dir.
     pub fn start(name: &str, listen: &str) -> Self {
+        Self::start_with(name, listen, &[])
+    }
+
+    /// Like [`Coordinator::start`] with extra `hitless coordinator` flags.
+    pub fn start_with(name: &str, listen: &str, extra: &[&str]) -> Self {
         let data_dir = std::env::temp_dir().join(format!("hitless-coord-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
-        let mut c = Self { url: format!("http://{listen}"), listen: listen.to_owned(), data_dir, proc: None };
+        let extra = extra.iter().map(|s| (*s).to_owned()).collect();
+        let mut c = Self { url: format!("http://{listen}"), listen: listen.to_owned(), extra, data_dir, proc: None };
         c.restart();
         c
     }
@@ -461,6 +468,7 @@ impl Coordinator {
         let mut cmd = Command::new(bin("hitless"));
         cmd.args(["coordinator", "--listen", &self.listen, "--health-timeout", "5s", "--data-dir"])
             .arg(&self.data_dir)
+            .args(&self.extra)
             .stderr(log);
         self.proc = Some(spawn_line(cmd, "listening on"));
     }

@@ -30,20 +30,28 @@ pub fn architecture_with(nodes: &[Node], version: &str, per_node: u32, extra: &[
 
 /// Three nodes following `coord`, instance addresses from 127.16`k`.`i`.0/24.
 pub fn nodes(coord: &Coordinator, name: &str, k: u8) -> Vec<Node> {
+    nodes_with(coord, name, k, |_| Vec::new())
+}
+
+/// Like [`nodes`] with extra agent flags for node `i`.
+pub fn nodes_with(coord: &Coordinator, name: &str, k: u8, extra: impl Fn(usize) -> Vec<String>) -> Vec<Node> {
     (0..3)
         .map(|i| {
             let mut n = Node::new(&format!("{name}{i}"));
             let workload = n.cgroup.path().join("workload");
             let state = n.dir.join("state");
             let pool = format!("127.16{k}.{i}.0/24");
-            n.agent_args(&[
-                "--workload-cgroup",
-                workload.to_str().expect("utf-8"),
-                "--instance-addresses",
-                &pool,
-                "--state-dir",
-                state.to_str().expect("utf-8"),
-            ]);
+            let mut args = vec![
+                "--workload-cgroup".to_owned(),
+                workload.to_str().expect("utf-8").to_owned(),
+                "--instance-addresses".to_owned(),
+                pool,
+                "--state-dir".to_owned(),
+                state.to_str().expect("utf-8").to_owned(),
+            ];
+            args.extend(extra(i));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            n.agent_args(&args);
             n.follow(&coord.url);
             n.spawn_agent();
             n
@@ -108,8 +116,13 @@ pub struct Rig {
 impl Rig {
     /// Starts the coordinator and nodes and deploys v1 straight.
     pub fn new(name: &str, k: u8) -> Self {
-        let coord = Coordinator::start(name, &format!("127.130.{}.1:7070", 10 + k));
-        let nodes = nodes(&coord, name, k);
+        Self::new_with(name, k, &[], |_| Vec::new())
+    }
+
+    /// Like [`Rig::new`] with extra coordinator flags and extra agent flags for node `i`.
+    pub fn new_with(name: &str, k: u8, coordinator: &[&str], agent: impl Fn(usize) -> Vec<String>) -> Self {
+        let coord = Coordinator::start_with(name, &format!("127.130.{}.1:7070", 10 + k), coordinator);
+        let nodes = nodes_with(&coord, name, k, agent);
         coord.wait_synced(3);
         let dir = nodes[0].dir.clone();
         let rig = Self { coord, nodes, dir, vip: format!("127.77.6{k}.1:8080"), svc_flags: Vec::new() };

@@ -254,3 +254,104 @@ fn an_analysis_gate_rolls_back_a_version_that_resets_its_connections() {
         "status says which gate failed and the measured values: {r}"
     );
 }
+
+/// A real Prometheus server scraping `targets` every second; killed and removed on drop.
+struct Prometheus {
+    _proc: hitless_tests::Proc,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(listen: &str, targets: &[String]) -> Self {
+        let dir = std::env::temp_dir().join(format!("hitless-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let quoted: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let config = format!(
+            "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: hitless\n    static_configs: [{{ targets: [{}] }}]\n",
+            quoted.join(", ")
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus config");
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log")).expect("prometheus log"))
+            .spawn()
+            .expect("the prometheus server is missing: apt-get install prometheus (CI installs it)");
+        let prom = Self { _proc: hitless_tests::Proc::new(child), dir };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !ready(listen) {
+            assert!(std::time::Instant::now() < deadline, "prometheus never became ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        prom
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `GET path` over HTTP/1.0: the whole answer, or "" when nothing answered.
+fn get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+fn ready(addr: &str) -> bool {
+    let answer = get(addr, "/-/ready");
+    answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
+}
+
+/// Waits until Prometheus has scraped every target at least twice.
+fn wait_scraped(addr: &str, targets: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let want = format!("\"{}\"", targets);
+    loop {
+        // count_over_time(up[5s]) >= 2 for every target: two samples make an increase().
+        let answer = get(addr, "/api/v1/query?query=count(count_over_time(up%5B5s%5D)%20%3E%3D%202)");
+        if answer.contains(&want) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "prometheus never scraped the agents: {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn an_analysis_gate_can_ask_prometheus_and_rolls_back_on_its_answer() {
+    let metrics = |i: usize| format!("127.130.19.{}:9477", 10 + i);
+    let prom = "127.130.19.9:9090";
+    let _server = Prometheus::start(prom, &(0..3).map(metrics).collect::<Vec<_>>());
+    let rig =
+        Rig::new_with("prom", 9, &["--prometheus-url", &format!("http://{prom}"), "--prometheus-lag", "2500ms"], |i| {
+            vec!["--metrics-addr".to_owned(), metrics(i)]
+        });
+    wait_scraped(prom, 3);
+    let stop = rig.dir.join("stop");
+    let loops = rig.load(&stop);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = rig.push(
+        "v2",
+        &["--reset-half"],
+        &["--strategy", "rolling", "--max-surge", "1", "--max-unavailable", "0", "--gate", "1:analysis=4s,10%"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a failed gate ends the push with exit 1: {err}");
+    assert!(err.contains("rolled-back") && err.contains(&format!("prometheus http://{prom}")), "{err}");
+    let results = finish(loops, &stop);
+    let failed: u64 = results.iter().map(|s| s.failed).sum();
+    println!("requests failed before the rollback: {failed}; {err}");
+    assert!(failed > 0, "v2 really reset connections: {results:?}");
+    assert_eq!(rig.versions(), vec!["v1".to_owned(); 6], "back on v1");
+    let r = rig.rollout();
+    assert!(r["message"].as_str().unwrap_or("").contains("failed or were reset"), "measured values: {r}");
+}

@@ -36,15 +36,18 @@ impl<'a> Cluster<'a> {
         let (bound_tx, bound_rx) = std::sync::mpsc::channel::<SocketAddr>();
         let server = rt.spawn(async move {
             let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+            let settings = hitless_coordinator::server::Settings {
+                health_timeout: Duration::from_secs(30),
+                prometheus: None,
+                prometheus_lag: Duration::ZERO,
+            };
             let ready = move |a| {
                 let _ = bound_tx.send(a);
             };
             let stop = async move {
                 let _ = rx.await;
             };
-            if let Err(e) =
-                hitless_coordinator::server::serve(listen, &data, Duration::from_secs(30), ready, stop).await
-            {
+            if let Err(e) = hitless_coordinator::server::serve(listen, &data, settings, ready, stop).await {
                 tracing::error!("embedded coordinator: {e}");
             }
         });

@@ -134,6 +134,43 @@ impl From<String> for StepError {
     }
 }
 
+/// [`analyse`] by a Prometheus server, once the window and the server's scrape lag have
+/// passed: the increase of the version's counters over the window ending at `end`,
+/// from every node. A
+/// server that cannot answer fails the gate: a rollout never goes on unjudged.
+async fn analyse_prometheus(
+    url: &super::prometheus::PromUrl,
+    end: std::time::SystemTime,
+    arch: &Architecture,
+    services: &BTreeMap<String, ServiceOps>,
+    window: Duration,
+    max_permille: u32,
+    step: usize,
+) -> Result<(), String> {
+    for s in arch.services.iter().filter(|s| services.contains_key(&s.name)) {
+        let (errors_q, attempts_q) = super::prometheus::failure_queries(&s.name, &s.version, window);
+        let asked = |e: super::prometheus::QueryError| format!("analysis after step {step}: {e}");
+        let errors = url.query(&errors_q, end).await.map_err(asked)?.round() as u64;
+        let attempts = url.query(&attempts_q, end).await.map_err(asked)?.round() as u64;
+        if attempts == 0 {
+            info!(service = %s.name, version = %s.version, "analysis (prometheus): no traffic to judge in the window");
+            continue;
+        }
+        let permille = errors * 1000 / attempts;
+        info!(service = %s.name, version = %s.version, attempts, errors, permille, "analysis (prometheus)");
+        if permille > u64::from(max_permille) {
+            return Err(format!(
+                "analysis after step {step} (prometheus {url}): {} {}: {errors} of {attempts} connects failed or were reset ({:.1} %) over {window:?}, above the {:.1} % allowed",
+                s.name,
+                s.version,
+                permille as f64 / 10.0,
+                f64::from(max_permille) / 10.0
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// How often a wait for agents' reports checks that their sessions are still the ones
 /// that were sent the operations.
 const SESSION_CHECK: Duration = Duration::from_millis(100);
@@ -248,6 +285,12 @@ async fn analyse(
     max_permille: u32,
     step: usize,
 ) -> Result<(), String> {
+    if let Some((url, lag)) = &shared.prometheus {
+        tokio::time::sleep(window).await;
+        let end = std::time::SystemTime::now();
+        tokio::time::sleep(*lag).await;
+        return analyse_prometheus(url, end, arch, services, window, max_permille, step).await;
+    }
     let before = shared.version_totals();
     tokio::time::sleep(window).await;
     // Agents report every second: wait for one more report to cover the window's end.

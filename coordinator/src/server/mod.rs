@@ -50,19 +50,31 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// How the coordinator behaves (from its command line).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Longest wait for a new instance to become healthy before its step fails.
+    pub health_timeout: Duration,
+    /// The Prometheus server analysis gates query; `None`: the agents' own summaries.
+    pub prometheus: Option<crate::engine::prometheus::PromUrl>,
+    /// How long after a gate's window Prometheus has scraped its last samples (about
+    /// two scrape intervals).
+    pub prometheus_lag: Duration,
+}
+
 /// Opens the store in `data_dir`, binds `listen`, calls `ready` with the bound address,
 /// and serves until `shutdown` resolves.
 pub async fn serve(
     listen: SocketAddr,
     data_dir: &Path,
-    health_timeout: Duration,
+    settings: Settings,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let store = Store::open(data_dir)?;
     let state = store.load()?;
-    info!(revision = state.revision(), data_dir = %data_dir.display(), "registry loaded");
-    let shared = Shared::new(state, store, health_timeout);
+    info!(revision = state.revision(), data_dir = %data_dir.display(), prometheus = ?settings.prometheus.as_ref().map(ToString::to_string), "registry loaded");
+    let shared = Shared::new(state, store, settings);
 
     let expiry = shared.clone();
     tokio::spawn(async move {

@@ -77,6 +77,9 @@ pub struct Shared {
     tombstones: Mutex<BTreeMap<Key, Instant>>,
     /// Longest wait for a new instance to become healthy.
     pub health_timeout: Duration,
+    /// The Prometheus server analysis gates query, when one is configured, and how long
+    /// after a window its samples are in.
+    pub prometheus: Option<(crate::engine::prometheus::PromUrl, Duration)>,
     /// Each node's latest per-backend totals: node -> (service, address) -> counters.
     counters: Mutex<BTreeMap<String, BTreeMap<Key, pb::BackendCounters>>>,
 }
@@ -106,7 +109,7 @@ impl From<RegistryError> for Status {
 
 impl Shared {
     /// State loaded from `store`; every leased instance gets a full TTL of grace.
-    pub fn new(state: RegistryState, store: Store, health_timeout: Duration) -> Arc<Self> {
+    pub fn new(state: RegistryState, store: Store, settings: super::Settings) -> Arc<Self> {
         let now = Instant::now();
         let leases = state
             .instances()
@@ -129,7 +132,8 @@ impl Shared {
             rollout: Mutex::new(rollout),
             wake: Notify::new(),
             tombstones: Mutex::new(BTreeMap::new()),
-            health_timeout,
+            health_timeout: settings.health_timeout,
+            prometheus: settings.prometheus.map(|u| (u, settings.prometheus_lag)),
             counters: Mutex::new(BTreeMap::new()),
         })
     }
