@@ -47,8 +47,10 @@ pub mod names {
     pub const META: &str = "hl_meta";
     /// What this node's clients saw of each backend.
     pub const BACKEND_STATS: &str = "hl_backend_stats";
-    /// Outgoing connects in flight.
-    pub const SK_CONN: &str = "hl_sk_conn";
+    /// Reverse translations of steered TCP sockets, by socket cookie.
+    pub const REV_RING: &str = "hl_rev_ring";
+    /// Start times of outgoing connects to backends, by socket cookie.
+    pub const CONN_RING: &str = "hl_conn_ring";
 }
 
 /// Why an apply did not happen or did not finish.

@@ -4,8 +4,8 @@
  * directory, so the datapath outlives the agent and a restarted agent (or the
  * other object of the datapath) reuses the same maps. Capacities here are
  * defaults; the agent sets them at load time from its flags. The agent is the
- * only writer of every map except rev_nat, counters, active and sk_mark,
- * which the programs write.
+ * only writer of every map except rev_nat, rev_ring, conn_ring, counters,
+ * active and sk_mark, which the programs write.
  */
 #ifndef HITLESS_MAPS_H
 #define HITLESS_MAPS_H
@@ -71,6 +71,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } hl_rev_nat SEC(".maps");
 
+/* cookie % HL_REV_BUCKETS -> the reverse translations of steered TCP sockets
+ * (struct hl_rev_bucket). TCP only; UDP keeps rev_nat. 8 MiB. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HL_REV_BUCKETS);
+	__type(key, __u32);
+	__type(value, struct hl_rev_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_rev_ring SEC(".maps");
+
 /* service id -> counters, per CPU (no atomics on the connect path). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -108,14 +118,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } hl_backend_stats SEC(".maps");
 
-/* Outgoing connects to backends in flight, for latency and failures. */
+/* cookie % HL_CONN_SLOTS -> start of an outgoing connect to a backend
+ * (struct hl_conn_slot), for the connect latency. 1 MiB. */
 struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct hl_sk_conn);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HL_CONN_SLOTS);
+	__type(key, __u32);
+	__type(value, struct hl_conn_slot);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} hl_sk_conn SEC(".maps");
+} hl_conn_ring SEC(".maps");
 
 /* The revision the maps hold, written last by the agent. */
 struct {

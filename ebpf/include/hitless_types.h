@@ -91,6 +91,56 @@ struct hl_rev {
 	__u16 pad;
 };
 
+/* Per-socket state that must be cheap to write on every connect lives in
+ * arrays indexed by the socket cookie: an array lookup the verifier inlines
+ * plus plain stores, with no allocation, lock or LRU list. Socket-local
+ * storage (bpf_sk_storage_get with F_CREATE) costs ~1.4 us per socket on the
+ * reference machine and an LRU hash insert ~1.1 us; a slot write ~0.1 us.
+ * The index is the cookie's low bits, not a hash of it: consecutive sockets
+ * then use consecutive memory (a hashed index measured ~0.25 us slower: cache
+ * and TLB misses). A slot is valid only while it holds the reader's cookie;
+ * readers treat a miss as "not recorded" and fall back (see steer.bpf.c and
+ * sockops.bpf.c). */
+
+/* rev_ring: the reverse translation of steered TCP sockets, in buckets of
+ * HL_REV_WAYS ways; a new socket takes its own way (a reconnect) or the next
+ * one round-robin, i.e. the way written longest ago. An entry goes after HL_REV_WAYS younger steered sockets
+ * whose cookies fall in its bucket: after ~HL_REV_BUCKETS * HL_REV_WAYS =
+ * 131072 younger cookies (the default --max-connections of rev_nat; 8 MiB;
+ * the kernel numbers sockets only when asked for a cookie). Ways,
+ * not a direct map: the kernel hands cookies to CPUs in batches of 4096, and
+ * a CPU using an old batch would share slots with another CPU's current batch
+ * and lose young entries at once; a bucket absorbs such overlaps unless
+ * HL_REV_WAYS CPUs overlap at one moment. rev_nat (LRU) also kept entries
+ * that getpeername() kept using; this keeps by age only. */
+#define HL_REV_BUCKETS 32768 /* power of two */
+#define HL_REV_WAYS 4
+
+struct hl_rev_way {
+	struct hl_rev backend; /* where the socket was steered to */
+	struct hl_rev dialled; /* what the application dialled */
+	__u64 pad;
+};
+
+/* rev_ring value: one bucket; the cookies and the round-robin cursor share
+ * its first cache line, so a writer or reader touches that line and one way. */
+struct hl_rev_bucket {
+	__u64 cookie[HL_REV_WAYS]; /* 0: empty */
+	__u32 next;                /* the way the next new socket takes */
+	__u32 pad[7];
+	struct hl_rev_way way[HL_REV_WAYS];
+};
+
+/* conn_ring: when an outgoing connect to a backend started, one way per slot
+ * (it is needed for one handshake only; a slot lost to an overlapping batch
+ * costs the exact latency of that connect, not its count). */
+#define HL_CONN_SLOTS 65536 /* power of two */
+
+struct hl_conn_slot {
+	__u64 cookie;
+	__u64 start_ns;
+};
+
 /* counters value (per CPU), indexed by service id. */
 struct hl_counters {
 	__u64 steered;      /* VIP connects and datagrams sent to a backend */
@@ -118,13 +168,6 @@ struct hl_backend_stats {
 	__u64 resets;         /* established connections that went straight to CLOSE */
 };
 
-/* sk_conn value: an outgoing connect to a backend, from SYN to close. */
-struct hl_sk_conn {
-	struct hl_endpoint ep;
-	__u32 established;
-	__u64 start_ns;
-};
-
 /* meta value (array of one): what the agent last wrote, kept in the kernel so
  * it survives the agent. */
 struct hl_meta {
@@ -142,11 +185,13 @@ _Static_assert(__builtin_offsetof(struct hl_backend, service_id) == 20, "hl_back
 _Static_assert(sizeof(struct hl_rev_key) == 32, "hl_rev_key");
 _Static_assert(__builtin_offsetof(struct hl_rev_key, port) == 24, "hl_rev_key.port");
 _Static_assert(sizeof(struct hl_rev) == 20, "hl_rev");
+_Static_assert(sizeof(struct hl_rev_way) == 48, "hl_rev_way");
+_Static_assert(sizeof(struct hl_rev_bucket) == 256, "hl_rev_bucket");
+_Static_assert(sizeof(struct hl_conn_slot) == 16, "hl_conn_slot");
 _Static_assert(sizeof(struct hl_counters) == 32, "hl_counters");
 _Static_assert(sizeof(struct hl_meta) == 16, "hl_meta");
 _Static_assert(sizeof(struct hl_backend_stats) == 200, "hl_backend_stats");
 _Static_assert(__builtin_offsetof(struct hl_backend_stats, resets) == 192, "hl_backend_stats.resets");
 _Static_assert(__builtin_offsetof(struct hl_backend_stats, latency) == 64, "hl_backend_stats.latency");
-_Static_assert(sizeof(struct hl_sk_conn) == 32, "hl_sk_conn");
 
 #endif
