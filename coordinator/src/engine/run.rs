@@ -152,21 +152,8 @@ async fn analyse_prometheus(
         let asked = |e: super::prometheus::QueryError| format!("analysis after step {step}: {e}");
         let errors = url.query(&errors_q, end).await.map_err(asked)?.round() as u64;
         let attempts = url.query(&attempts_q, end).await.map_err(asked)?.round() as u64;
-        if attempts == 0 {
-            info!(service = %s.name, version = %s.version, "analysis (prometheus): no traffic to judge in the window");
-            continue;
-        }
-        let permille = errors * 1000 / attempts;
-        info!(service = %s.name, version = %s.version, attempts, errors, permille, "analysis (prometheus)");
-        if permille > u64::from(max_permille) {
-            return Err(format!(
-                "analysis after step {step} (prometheus {url}): {} {}: {errors} of {attempts} connects failed or were reset ({:.1} %) over {window:?}, above the {:.1} % allowed",
-                s.name,
-                s.version,
-                permille as f64 / 10.0,
-                f64::from(max_permille) / 10.0
-            ));
-        }
+        let verdict = Verdict { step, source: &format!(" (prometheus {url})"), window, max_permille };
+        verdict.judge(s, errors, attempts)?;
     }
     Ok(())
 }
@@ -302,23 +289,44 @@ async fn analyse(
         let (c1, f1, r1) = after.get(&key).copied().unwrap_or_default();
         let attempts = (c1 - c0.min(c1)) + (f1 - f0.min(f1));
         let errors = (f1 - f0.min(f1)) + (r1 - r0.min(r1));
-        if attempts == 0 {
-            info!(service = %s.name, version = %s.version, "analysis: no traffic to judge in the window");
-            continue;
-        }
-        let permille = errors * 1000 / attempts;
-        info!(service = %s.name, version = %s.version, attempts, errors, permille, "analysis");
-        if permille > u64::from(max_permille) {
-            return Err(format!(
-                "analysis after step {step}: {} {}: {errors} of {attempts} connects failed or were reset ({:.1} %) over {window:?}, above the {:.1} % allowed",
-                s.name,
-                s.version,
-                permille as f64 / 10.0,
-                f64::from(max_permille) / 10.0
-            ));
-        }
+        Verdict { step, source: "", window, max_permille }.judge(s, errors, attempts)?;
     }
     Ok(())
+}
+
+/// An analysis gate's judgement of the counts of one window.
+struct Verdict<'a> {
+    step: usize,
+    /// Where the counts came from, for the message ("" for the agents' own).
+    source: &'a str,
+    window: Duration,
+    max_permille: u32,
+}
+
+impl Verdict<'_> {
+    /// Fails when more than the allowed share of `attempts` were `errors`; a window
+    /// without traffic passes.
+    fn judge(&self, s: &hitless_model::Service, errors: u64, attempts: u64) -> Result<(), String> {
+        if attempts == 0 {
+            info!(service = %s.name, version = %s.version, source = self.source, "analysis: no traffic to judge in the window");
+            return Ok(());
+        }
+        let permille = errors * 1000 / attempts;
+        info!(service = %s.name, version = %s.version, source = self.source, attempts, errors, permille, "analysis");
+        if permille <= u64::from(self.max_permille) {
+            return Ok(());
+        }
+        Err(format!(
+            "analysis after step {}{}: {} {}: {errors} of {attempts} connects failed or were reset ({:.1} %) over {:?}, above the {:.1} % allowed",
+            self.step,
+            self.source,
+            s.name,
+            s.version,
+            permille as f64 / 10.0,
+            self.window,
+            f64::from(self.max_permille) / 10.0
+        ))
+    }
 }
 
 /// Longest wait for the agents of nodes that run instances to (re)connect.
