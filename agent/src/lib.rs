@@ -8,6 +8,7 @@
 //! registry: [`static_mode`] (a file) and [`link`] (the coordinator).
 
 pub mod abi;
+pub mod apply;
 pub mod cgroup;
 pub mod desired;
 pub mod driver;

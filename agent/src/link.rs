@@ -319,21 +319,12 @@ async fn session_inner(
             }
             None => continue,
         };
-        let started = std::time::Instant::now();
         let reg = next.to_registry();
         wanted = desired::from_registry(&reg);
-        let overlaid = site.outliers.lock().map(|o| o.overlay(&wanted)).unwrap_or_else(|_| wanted.clone());
-        let report = writer.apply(&overlaid, next.revision)?;
-        site.metrics.update(node, &reg, writer);
-        info!(
-            %node,
-            revision = next.revision,
-            services = report.services,
-            backends = report.backends,
-            writes = report.writes,
-            micros = started.elapsed().as_micros() as u64,
-            "registry applied"
-        );
+        {
+            let outliers = site.outliers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            crate::apply::revision(writer, &wanted, &reg, next.revision, &site.metrics, node, &outliers)?;
+        }
         let ack = pb::AgentMessage { msg: Some(agent_message::Msg::Ack(pb::Ack { revision: next.revision })) };
         if tx.send(ack).await.is_err() {
             return Err(LinkError::Closed);

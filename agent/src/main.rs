@@ -138,10 +138,7 @@ fn init_logs(format: LogFormat) {
 }
 
 fn node_name(node: &str) -> anyhow::Result<&str> {
-    let ok = !node.is_empty()
-        && node.len() <= 63
-        && node.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_');
-    if ok {
+    if hitless_model::registry::valid_node_name(node) {
         Ok(node)
     } else {
         Err(BadInput(format!(

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use crate::outlier::Outliers;
 use crate::{desired, metrics};
@@ -74,20 +74,7 @@ pub fn apply(
     outliers: &Outliers,
 ) -> Result<u64, WriteError> {
     let revision = writer.maps().revision()? + 1;
-    let started = std::time::Instant::now();
-    let report =
-        writer.apply(&outliers.overlay(&desired::from_registry(reg)), revision).inspect_err(|_| metrics.error())?;
-    metrics.update(node, reg, writer);
-    info!(
-        revision,
-        services = report.services,
-        vips = report.vips,
-        backends = report.backends,
-        tables_swapped = report.tables_swapped,
-        writes = report.writes,
-        micros = started.elapsed().as_micros() as u64,
-        "registry applied"
-    );
+    crate::apply::revision(writer, &desired::from_registry(reg), reg, revision, metrics, node, outliers)?;
     Ok(revision)
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hitless_coordinator::planner::{self, PlanError};
-use hitless_coordinator::{render, Amount, GateSpec, Strategy, Target};
+use hitless_coordinator::{render, Target};
 use hitless_model::{Architecture, Cluster};
 
 mod demo;
@@ -67,31 +67,12 @@ struct PlanArgs {
     /// Architecture file of what runs now (as `hitless pull` prints it); default: nothing runs.
     #[arg(long, value_name = "FILE")]
     current: Option<PathBuf>,
-    /// Update strategy.
-    #[arg(long, value_name = "S", value_parser = Strategy::NAMES)]
-    strategy: String,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// rolling: instances allowed over the desired count, a count or a percentage [default: 25%].
-    #[arg(long, value_name = "N|P%")]
-    max_surge: Option<Amount>,
-    /// rolling: serving instances allowed under the desired count [default: 25%].
-    #[arg(long, value_name = "N|P%")]
-    max_unavailable: Option<Amount>,
-    /// gray: size of the first batch, before its approval gate [default: 1].
-    #[arg(long, value_name = "N|P%")]
-    first_batch: Option<Amount>,
-    /// gray: batches after the first [default: 3].
-    #[arg(long, value_name = "K")]
-    batches: Option<u32>,
-    /// weighted: traffic shares of the new version, in percent [default: 5,25,50,100].
-    #[arg(long, value_name = "P,P,...", value_delimiter = ',')]
-    steps: Option<Vec<u32>>,
-    /// Pause after a step: STEP (approval), STEP:approval, STEP:analysis or
-    /// STEP:analysis=WINDOW,MAX% (e.g. 2:analysis=5m,0.5%). Repeatable.
-    #[arg(long = "gate", value_name = "SPEC")]
-    gates: Vec<GateSpec>,
+    /// The strategy and its parameters.
+    #[command(flatten)]
+    strategy: remote::StrategyArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -163,20 +144,21 @@ fn main() -> ExitCode {
 
 fn plan(args: &PlanArgs) -> Result<(), Failure> {
     let mut problems = Vec::new();
-    let strategy = strategy(args).map_err(|p| problems.extend(p)).ok();
+    let strategy = args.strategy.build().map_err(|p| problems.extend(p)).ok();
     let target = read_architecture(&args.target, "--target").map_err(|p| problems.extend(p)).ok();
     let current = match &args.current {
         Some(path) => read_architecture(path, "--current").map_err(|p| problems.extend(p)).ok(),
         None => Some(Architecture::default()),
     };
-    let (Some(strategy), Some(target), Some(current)) = (strategy, target, current) else {
+    let (Some((strategy, gates)), Some(target), Some(current)) = (strategy, target, current) else {
         return Err(BadInput(problems).into());
     };
-    let plan = planner::plan(&Cluster::from_architecture(&current), &Target::new(&target), &strategy, &args.gates)
-        .map_err(|e| match e {
+    let plan = planner::plan(&Cluster::from_architecture(&current), &Target::new(&target), &strategy, &gates).map_err(
+        |e| match e {
             PlanError::GateBeyondPlan { .. } => Failure::BadInput(BadInput(vec![e.to_string()])),
             e => Failure::Failed(anyhow::Error::new(e).context("planning failed")),
-        })?;
+        },
+    )?;
     let text = match args.output {
         Output::Table => render::table(&plan),
         Output::Json => {
@@ -189,46 +171,6 @@ fn plan(args: &PlanArgs) -> Result<(), Failure> {
     };
     print!("{text}");
     Ok(())
-}
-
-/// The strategy and its parameters; parameters of another strategy are an error.
-fn strategy(args: &PlanArgs) -> Result<Strategy, Vec<String>> {
-    let name = args.strategy.as_str();
-    let mut s = Strategy::from_name(name).ok_or_else(|| vec![format!("--strategy {name}: unknown strategy")])?;
-    let mut problems = Vec::new();
-    let mut misplaced = |flag: &str, given: bool, owner: &str| {
-        if given && name != owner {
-            problems
-                .push(format!("{flag} applies to --strategy {owner}, not {name}; remove it or change the strategy"));
-        }
-    };
-    misplaced("--max-surge", args.max_surge.is_some(), "rolling");
-    misplaced("--max-unavailable", args.max_unavailable.is_some(), "rolling");
-    misplaced("--first-batch", args.first_batch.is_some(), "gray");
-    misplaced("--batches", args.batches.is_some(), "gray");
-    misplaced("--steps", args.steps.is_some(), "weighted");
-    match &mut s {
-        Strategy::Rolling { max_surge, max_unavailable } => {
-            *max_surge = args.max_surge.unwrap_or(*max_surge);
-            *max_unavailable = args.max_unavailable.unwrap_or(*max_unavailable);
-        }
-        Strategy::Gray { first_batch, batches } => {
-            *first_batch = args.first_batch.unwrap_or(*first_batch);
-            *batches = args.batches.unwrap_or(*batches);
-        }
-        Strategy::Weighted { steps } => {
-            if let Some(given) = &args.steps {
-                steps.clone_from(given);
-            }
-        }
-        _ => {}
-    }
-    let s = s.validated().map_err(|e| vec![e.to_string()]);
-    match s {
-        Ok(s) if problems.is_empty() => Ok(s),
-        Ok(_) => Err(problems),
-        Err(more) => Err(problems.into_iter().chain(more).collect()),
-    }
 }
 
 /// Reads and validates an architecture file; problems are prefixed with the file's name.

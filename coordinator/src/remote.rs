@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use hitless_coordinator::engine::record::StrategyRecord;
+use hitless_coordinator::{GateSpec, Strategy};
 use hitless_model::Duration;
 use hitless_proto::v1::{self as pb, coordinator_client::CoordinatorClient, registry_client::RegistryClient};
 use tonic::transport::Channel;
@@ -53,33 +55,69 @@ pub struct DrainArgs {
     pub output: String,
 }
 
+/// The strategy flags of `plan` and `push`, as the gRPC `StrategySpec` carries them:
+/// one builder ([`StrategyRecord::build_named`]) checks them for both.
+#[derive(Args)]
+pub struct StrategyArgs {
+    /// Update strategy: straight, canary, blue-green, mixed, rolling, gray, weighted.
+    #[arg(long, value_name = "S")]
+    pub strategy: String,
+    /// rolling: instances allowed over the desired count, N or P% [default: 25%].
+    #[arg(long, value_name = "N|P%", default_value = "")]
+    pub max_surge: String,
+    /// rolling: serving instances allowed under the desired count, N or P% [default: 25%].
+    #[arg(long, value_name = "N|P%", default_value = "")]
+    pub max_unavailable: String,
+    /// gray: size of the first batch, before its approval gate [default: 1].
+    #[arg(long, value_name = "N|P%", default_value = "")]
+    pub first_batch: String,
+    /// gray: batches after the first [default: 3].
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub batches: u32,
+    /// weighted: traffic shares of the new version, in percent [default: 5,25,50,100].
+    #[arg(long, value_name = "P,P,...", value_delimiter = ',')]
+    pub steps: Vec<u32>,
+    /// Pause after a step: STEP (approval), STEP:approval, STEP:analysis or
+    /// STEP:analysis=WINDOW,MAX% (e.g. 2:analysis=5m,0.5%). Repeatable.
+    #[arg(long = "gate", value_name = "SPEC")]
+    pub gates: Vec<String>,
+}
+
+impl StrategyArgs {
+    /// The flags as the gRPC request carries them.
+    pub fn spec(&self) -> pb::StrategySpec {
+        pb::StrategySpec {
+            name: self.strategy.clone(),
+            max_surge: self.max_surge.clone(),
+            max_unavailable: self.max_unavailable.clone(),
+            first_batch: self.first_batch.clone(),
+            batches: self.batches,
+            steps: self.steps.clone(),
+            gates: self.gates.clone(),
+        }
+    }
+
+    /// The strategy and gates, or every problem, each naming its flag.
+    pub fn build(&self) -> Result<(Strategy, Vec<GateSpec>), Vec<String>> {
+        StrategyRecord::from(&self.spec()).build_named(&|field| match field {
+            "" | "name" => "--strategy".to_owned(),
+            f if f.starts_with("gates[") => {
+                format!("--gate #{}", f[6..f.len() - 1].parse::<usize>().map_or(0, |i| i + 1))
+            }
+            f => format!("--{}", f.replace('_', "-")),
+        })
+    }
+}
+
 /// `hitless push`.
 #[derive(Args)]
 pub struct PushArgs {
     /// Architecture file to reach.
     #[arg(long, value_name = "FILE")]
     pub target: PathBuf,
-    /// Update strategy: straight, canary, blue-green, mixed, rolling, gray, weighted.
-    #[arg(long, value_name = "S")]
-    pub strategy: String,
-    /// rolling: instances allowed over the desired count (N or P%).
-    #[arg(long, value_name = "N|P%", default_value = "")]
-    pub max_surge: String,
-    /// rolling: serving instances allowed under the desired count (N or P%).
-    #[arg(long, value_name = "N|P%", default_value = "")]
-    pub max_unavailable: String,
-    /// gray: size of the first batch.
-    #[arg(long, value_name = "N|P%", default_value = "")]
-    pub first_batch: String,
-    /// gray: batches after the first.
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub batches: u32,
-    /// weighted: traffic shares of the new version, in percent.
-    #[arg(long, value_name = "P,P,...", value_delimiter = ',')]
-    pub steps: Vec<u32>,
-    /// Pause after a step: STEP, STEP:approval, STEP:analysis=WINDOW,MAX%. Repeatable.
-    #[arg(long = "gate", value_name = "SPEC")]
-    pub gates: Vec<String>,
+    /// The strategy and its parameters.
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
     /// Follow the rollout until it ends: exit 0 when it reaches the target, 1 when it
     /// fails or rolls back.
     #[arg(long)]
@@ -268,18 +306,10 @@ pub fn push(url: &str, args: &PushArgs) -> Result<(), RemoteError> {
         let lines: Vec<String> = e.problems().iter().map(|p| format!("{}: {p}", args.target.display())).collect();
         return Err(RemoteError::BadInput(lines.join("\n")));
     }
-    let spec = pb::StrategySpec {
-        name: args.strategy.clone(),
-        max_surge: args.max_surge.clone(),
-        max_unavailable: args.max_unavailable.clone(),
-        first_batch: args.first_batch.clone(),
-        batches: args.batches,
-        steps: args.steps.clone(),
-        gates: args.gates.clone(),
-    };
-    if let Err(p) = hitless_coordinator::engine::record::StrategyRecord::from(&spec).build() {
+    if let Err(p) = args.strategy.build() {
         return Err(RemoteError::BadInput(p.join("\n")));
     }
+    let spec = args.strategy.spec();
     runtime()?.block_on(async {
         let mut client = CoordinatorClient::new(channel(url).await?);
         let r = client

@@ -280,6 +280,14 @@ pub fn valid_name(name: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
+/// Whether `name` is a valid node name: 1 to 63 lowercase letters, digits, `-` or `_`
+/// (it names the node's pin directory, and agents introduce themselves by it).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+}
+
 fn socket_addr(d: &mut Decoder, path: &str, text: &str) -> Option<SocketAddr> {
     match text.parse::<SocketAddr>() {
         Ok(a) if a.port() == 0 => {

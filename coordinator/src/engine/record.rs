@@ -79,57 +79,62 @@ impl From<&pb::StrategySpec> for StrategyRecord {
 }
 
 impl StrategyRecord {
-    /// The strategy and gates, or every problem (each naming its field).
+    /// The strategy and gates, or every problem (each naming its field of the gRPC
+    /// `StrategySpec`).
     pub fn build(&self) -> Result<(Strategy, Vec<GateSpec>), Vec<String>> {
+        self.build_named(&|field| if field.is_empty() { "strategy".to_owned() } else { format!("strategy.{field}") })
+    }
+
+    /// Like [`StrategyRecord::build`], naming each field with `field` (given the
+    /// `StrategySpec` field name, or "" for the strategy as a whole): the CLI names its
+    /// flags instead.
+    pub fn build_named(&self, field: &dyn Fn(&str) -> String) -> Result<(Strategy, Vec<GateSpec>), Vec<String>> {
         let name = self.name.as_str();
         let mut s = Strategy::from_name(name).ok_or_else(|| {
-            vec![format!("strategy.name: unknown strategy {name:?}; use one of {}", Strategy::NAMES.join(", "))]
+            vec![format!("{}: unknown strategy {name:?}; use one of {}", field("name"), Strategy::NAMES.join(", "))]
         })?;
         let mut problems = Vec::new();
-        let mut amount = |field: &str, text: &str, owner: &str, slot: Option<&mut Amount>| {
+        let misplaced = |f: &str, owner: &str| format!("{} applies to {owner}, not {name}; remove it", field(f));
+        let amount = |f: &str, text: &str, owner: &str, slot: Option<&mut Amount>, problems: &mut Vec<String>| {
             if text.is_empty() {
                 return;
             }
             match (slot, text.parse::<Amount>()) {
                 (Some(slot), Ok(a)) => *slot = a,
-                (Some(_), Err(e)) => problems.push(format!("strategy.{field}: {e}")),
-                (None, _) => problems.push(format!("strategy.{field} applies to {owner}, not {name}; remove it")),
+                (Some(_), Err(e)) => problems.push(format!("{}: {e}", field(f))),
+                (None, _) => problems.push(misplaced(f, owner)),
             }
         };
+        let (mut surge, mut unavailable, mut first, mut batches, mut steps) = (None, None, None, None, None);
         match &mut s {
             Strategy::Rolling { max_surge, max_unavailable } => {
-                amount("max_surge", &self.max_surge, "rolling", Some(max_surge));
-                amount("max_unavailable", &self.max_unavailable, "rolling", Some(max_unavailable));
-                amount("first_batch", &self.first_batch, "gray", None);
+                (surge, unavailable) = (Some(max_surge), Some(max_unavailable))
             }
-            Strategy::Gray { first_batch, batches } => {
-                amount("first_batch", &self.first_batch, "gray", Some(first_batch));
-                amount("max_surge", &self.max_surge, "rolling", None);
-                amount("max_unavailable", &self.max_unavailable, "rolling", None);
-                if self.batches > 0 {
-                    *batches = self.batches;
-                }
-            }
-            Strategy::Weighted { steps } => {
-                amount("max_surge", &self.max_surge, "rolling", None);
-                amount("max_unavailable", &self.max_unavailable, "rolling", None);
-                amount("first_batch", &self.first_batch, "gray", None);
-                if !self.steps.is_empty() {
-                    steps.clone_from(&self.steps);
-                }
-            }
-            _ => {
-                amount("max_surge", &self.max_surge, "rolling", None);
-                amount("max_unavailable", &self.max_unavailable, "rolling", None);
-                amount("first_batch", &self.first_batch, "gray", None);
-            }
+            Strategy::Gray { first_batch, batches: b } => (first, batches) = (Some(first_batch), Some(b)),
+            Strategy::Weighted { steps: st } => steps = Some(st),
+            _ => {}
         }
-        let s = s.validated().map_err(|e| vec![format!("strategy: {e}")]);
+        amount("max_surge", &self.max_surge, "rolling", surge, &mut problems);
+        amount("max_unavailable", &self.max_unavailable, "rolling", unavailable, &mut problems);
+        amount("first_batch", &self.first_batch, "gray", first, &mut problems);
+        match (batches, self.batches) {
+            (_, 0) => {}
+            (Some(b), given) => *b = given,
+            (None, _) => problems.push(misplaced("batches", "gray")),
+        }
+        match (steps, self.steps.is_empty()) {
+            (_, true) => {}
+            (Some(st), false) => st.clone_from(&self.steps),
+            (None, false) => problems.push(misplaced("steps", "weighted")),
+        }
+        let s = s.validated().map_err(|e| vec![format!("{}: {e}", field(""))]);
         let gates: Vec<GateSpec> = self
             .gates
             .iter()
             .enumerate()
-            .filter_map(|(i, g)| g.parse().map_err(|e| problems.push(format!("strategy.gates[{i}]: {e}"))).ok())
+            .filter_map(|(i, g)| {
+                g.parse().map_err(|e| problems.push(format!("{}: {e}", field(&format!("gates[{i}]"))))).ok()
+            })
             .collect();
         match s {
             Ok(s) if problems.is_empty() => Ok((s, gates)),
@@ -198,6 +203,12 @@ mod tests {
         assert!(r.build().unwrap_err()[0].starts_with("strategy.name: unknown strategy"));
         let r = StrategyRecord { name: "gray".into(), gates: vec!["x".into()], ..Default::default() };
         assert!(r.build().unwrap_err()[0].starts_with("strategy.gates[0]:"));
+        let r = StrategyRecord { name: "canary".into(), batches: 2, steps: vec![50, 100], ..Default::default() };
+        let p = r.build().unwrap_err().join("\n");
+        assert!(p.contains("strategy.batches applies to gray, not canary"), "{p}");
+        assert!(p.contains("strategy.steps applies to weighted, not canary"), "{p}");
+        let flags = r.build_named(&|f| format!("--{f}")).unwrap_err().join("\n");
+        assert!(flags.contains("--batches applies to gray"), "the CLI names its flags: {flags}");
     }
 
     #[test]

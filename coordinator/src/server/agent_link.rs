@@ -20,12 +20,6 @@ pub struct AgentLinkApi {
     pub shared: Arc<Shared>,
 }
 
-fn valid_node(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 63
-        && n.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
-}
-
 #[tonic::async_trait]
 impl agent_link_server::AgentLink for AgentLinkApi {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
@@ -43,7 +37,7 @@ impl agent_link_server::AgentLink for AgentLinkApi {
                 ))
             }
         };
-        if !valid_node(&hello.node) {
+        if !hitless_model::registry::valid_node_name(&hello.node) {
             return Err(Status::invalid_argument(format!(
                 "hello.node: {:?} is not a node name; use 1 to 63 lowercase letters, digits, '-' or '_'",
                 hello.node
