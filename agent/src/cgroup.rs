@@ -1,7 +1,40 @@
-//! Finding the cgroup v2 hierarchy (never assume where it is mounted).
+//! Finding the cgroup v2 hierarchy (never assume where it is mounted), and starting a
+//! process inside a cgroup.
 
+use std::ffi::CString;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Makes the process `cmd` spawns join the cgroup `dir` between fork and exec: it is in
+/// the cgroup before its first instruction runs, and so is everything it forks. `spawn`
+/// fails with the write's error when the process could not join.
+pub fn join_on_exec(cmd: &mut Command, dir: &Path) -> io::Result<()> {
+    let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path contains NUL"))?;
+    // SAFETY: between fork and exec only async-signal-safe calls (open, write, close) on
+    // memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            // Take errno before close() can overwrite it.
+            let write_error = io::Error::last_os_error();
+            libc::close(fd);
+            if ok {
+                Ok(())
+            } else {
+                Err(write_error)
+            }
+        });
+    }
+    Ok(())
+}
 
 /// The mount point of the cgroup v2 hierarchy, read from `/proc/mounts`.
 pub fn v2_mount() -> io::Result<PathBuf> {

@@ -118,6 +118,14 @@ pub struct Loaded {
     pub lock: File,
 }
 
+/// The directory every node's default pin directory lives in.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/hitless";
+
+/// Where the datapath of `node` is pinned unless told otherwise.
+pub fn default_pin_dir(node: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(node)
+}
+
 /// Takes the node's lock: an exclusive `flock` on the pin directory.
 pub fn lock(pin_dir: &Path) -> Result<File, LoadError> {
     let dir = File::open(pin_dir)

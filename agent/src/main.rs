@@ -149,7 +149,7 @@ fn node_name(node: &str) -> anyhow::Result<&str> {
 }
 
 fn pin_dir_for(node: &str, pin_dir: Option<PathBuf>) -> PathBuf {
-    pin_dir.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/hitless").join(node))
+    pin_dir.unwrap_or_else(|| loader::default_pin_dir(node))
 }
 
 fn detach(node: &str, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {

@@ -2,10 +2,7 @@
 //! the probe processes that serve and dial inside them. Every guard removes what it
 //! created when dropped, also when the test fails.
 
-use std::ffi::CString;
 use std::io::{BufRead, BufReader};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,27 +62,8 @@ impl Cgroup {
 
     /// A command whose process starts inside this cgroup.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes()).expect("no NUL in path");
         let mut cmd = Command::new(program);
-        // SAFETY: only async-signal-safe calls (open, write, close) between fork and
-        // exec; the path was allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                // Take errno before close() can overwrite it.
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(err)
-                }
-            });
-        }
+        hitless_agent::cgroup::join_on_exec(&mut cmd, &self.path).expect("no NUL in the cgroup path");
         cmd
     }
 }

@@ -3,11 +3,9 @@
 //! and read the tail of a log.
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -30,8 +28,6 @@ pub(crate) fn spawn(
 ) -> io::Result<Child> {
     let (program, args) =
         argv.split_first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the command is empty"))?;
-    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path contains NUL"))?;
     let out = OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
@@ -40,25 +36,12 @@ pub(crate) fn spawn(
         cmd.env("PATH", DEFAULT_PATH);
     }
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    // SAFETY: between fork and exec only async-signal-safe calls (open, write, close,
-    // setsid) on memory allocated before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-            let write_error = io::Error::last_os_error();
-            libc::close(fd);
-            if !ok {
-                return Err(write_error);
-            }
-            if session && libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    crate::cgroup::join_on_exec(&mut cmd, cgroup)?;
+    if session {
+        // SAFETY: setsid is async-signal-safe; it runs after the cgroup join above.
+        unsafe {
+            cmd.pre_exec(|| if libc::setsid() < 0 { Err(io::Error::last_os_error()) } else { Ok(()) });
+        }
     }
     cmd.spawn()
 }

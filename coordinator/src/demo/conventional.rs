@@ -53,7 +53,7 @@ impl<'a> Fleet<'a> {
         let svc = host::sibling("hitless-testsvc")?;
         let cg = self.nodes[node].path().join("workload");
         std::fs::create_dir_all(&cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
-        let child = host::command_in(&cg, &svc)
+        let child = host::command_in(&cg, &svc)?
             .args(["--listen", &addr.to_string(), "--version", version])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -81,8 +81,7 @@ impl<'a> Fleet<'a> {
     /// `--fixed-wait`, SIGTERM it. Returns when each old instance was deregistered.
     pub fn roll(&mut self, version: &str, mut progress: impl FnMut(&str)) -> anyhow::Result<BTreeMap<String, u64>> {
         let mut drains = BTreeMap::new();
-        let old: Vec<usize> = (0..self.instances.len()).collect();
-        for _ in old {
+        for _ in 0..self.instances.len() {
             let (node, _) = self.instances[0];
             let new = self.launch(node, version)?;
             let new_addr = new.addr;

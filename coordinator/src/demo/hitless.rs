@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,8 @@ use anyhow::{bail, Context as _};
 use hitless_proto::v1::{self as pb, coordinator_client::CoordinatorClient, registry_client::RegistryClient};
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
+
+use hitless_agent::loader::{default_pin_dir, detach};
 
 use super::client::now_ms;
 use super::host::{self, Cgroup, Proc};
@@ -25,6 +27,9 @@ pub struct Cluster<'a> {
     /// Node cgroups: clients run here; instances in `workload` below.
     pub nodes: Vec<Cgroup>,
     agents: Vec<Proc>,
+    /// The agents run in here, inside the demo's tree, so that removing the tree
+    /// after a killed run stops them too.
+    agent_cgroup: Cgroup,
 }
 
 impl<'a> Cluster<'a> {
@@ -53,18 +58,27 @@ impl<'a> Cluster<'a> {
         });
         let bound = bound_rx.recv_timeout(Duration::from_secs(10)).context("the embedded coordinator did not start")?;
         let url = format!("http://{bound}");
-        let mut cluster =
-            Self { demo, url, shutdown: Some(tx), server: Some(server), nodes: Vec::new(), agents: Vec::new() };
+        let mut cluster = Self {
+            demo,
+            url,
+            shutdown: Some(tx),
+            server: Some(server),
+            nodes: Vec::new(),
+            agents: Vec::new(),
+            agent_cgroup: Cgroup::create(demo.cgroup_root.join("agents"))?,
+        };
         let agent = host::sibling("hitless-agent")?;
         for i in 0..demo.args.nodes {
             let name = node_name(i);
             let cg = Cgroup::create(demo.cgroup_root.join(&name))?;
             let log = std::fs::File::create(demo.dir.join(format!("{name}.log")))?;
-            let child = host::command(&agent)
+            let child = cluster
+                .agent_cgroup
+                .command(&agent)?
                 .args(["--node", &name, "--coordinator", &cluster.url, "--cgroup"])
                 .arg(cg.path())
                 .arg("--pin-dir")
-                .arg(pin_dir(&name))
+                .arg(default_pin_dir(&name))
                 .arg("--workload-cgroup")
                 .arg(cg.path().join("workload"))
                 .args(["--instance-addresses", &format!("127.171.{i}.0/24"), "--state-dir"])
@@ -187,16 +201,8 @@ impl Drop for Cluster<'_> {
         // Agents first (instances keep running without them), then the datapath, then
         // the cgroups with every instance in them.
         self.agents.clear();
-        if let Ok(agent) = host::sibling("hitless-agent") {
-            for i in 0..self.demo.args.nodes {
-                let name = node_name(i);
-                let _ = host::command(&agent)
-                    .args(["detach", "--node", &name, "--pin-dir"])
-                    .arg(pin_dir(&name))
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
+        for i in 0..self.demo.args.nodes {
+            let _ = detach(&default_pin_dir(&node_name(i)));
         }
         self.nodes.clear();
         if let Some(tx) = self.shutdown.take() {
@@ -215,9 +221,4 @@ impl Drop for Cluster<'_> {
 /// The demo's node names.
 pub fn node_name(i: u32) -> String {
     format!("demo-node{i}")
-}
-
-/// Where a demo node's datapath is pinned.
-pub fn pin_dir(name: &str) -> PathBuf {
-    Path::new("/sys/fs/bpf/hitless").join(name)
 }

@@ -3,8 +3,6 @@
 //! tree; child processes in their own process group (so Ctrl-C reaches only the
 //! demo, which then cleans up in order); and the interrupt flag every wait checks.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -64,7 +62,7 @@ pub fn preflight(binaries: &[&str]) -> Vec<String> {
         );
         return missing;
     }
-    if let Err(e) = cgroup2_mount() {
+    if let Err(e) = hitless_agent::cgroup::v2_mount() {
         missing.push(format!("a cgroup v2 hierarchy: {e}"));
     }
     if let Err(e) = bpf_syscall() {
@@ -76,18 +74,6 @@ pub fn preflight(binaries: &[&str]) -> Vec<String> {
         }
     }
     missing
-}
-
-/// The cgroup v2 mount point, from `/proc/mounts` (it is not always /sys/fs/cgroup).
-pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1].replace("\\040", " ")))
-        })
-        .context("none is mounted; mount one with: mount -t cgroup2 none /sys/fs/cgroup")
 }
 
 /// Creates (and closes) a one-entry BPF array map: proves the kernel takes bpf() from us.
@@ -153,7 +139,7 @@ impl Cgroup {
     }
 
     /// A command whose process starts inside this cgroup, in its own process group.
-    pub fn command(&self, program: &Path) -> Command {
+    pub fn command(&self, program: &Path) -> std::io::Result<Command> {
         command_in(&self.path, program)
     }
 }
@@ -165,28 +151,10 @@ impl Drop for Cgroup {
 }
 
 /// A command whose process starts inside the cgroup `dir`, in its own process group.
-pub fn command_in(dir: &Path, program: &Path) -> Command {
+pub fn command_in(dir: &Path, program: &Path) -> std::io::Result<Command> {
     let mut cmd = command(program);
-    let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).unwrap_or_default();
-    // SAFETY: between fork and exec only async-signal-safe calls (open, write, close);
-    // the path was allocated before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if ok {
-                Ok(())
-            } else {
-                Err(err)
-            }
-        });
-    }
-    cmd
+    hitless_agent::cgroup::join_on_exec(&mut cmd, dir)?;
+    Ok(cmd)
 }
 
 /// A command in its own process group: Ctrl-C in the terminal reaches only the demo.

@@ -38,7 +38,7 @@ impl Load {
         let latest = Arc::new(Mutex::new(vec![Progress::default(); cgroups.len()]));
         let mut load = Self { procs: Vec::new(), readers: Vec::new(), latest };
         for (i, cg) in cgroups.iter().enumerate() {
-            let mut cmd = cg.command(hitless);
+            let mut cmd = cg.command(hitless)?;
             cmd.arg("demo-client");
             if let Some((vip, n)) = spec.vip {
                 cmd.args(["--vip", vip, "--vip-clients", &n.to_string()]);

@@ -114,7 +114,7 @@ pub struct Demo {
 impl Demo {
     /// Removes what a killed earlier run left, then creates the scratch directory.
     fn prepare(args: DemoArgs) -> anyhow::Result<Self> {
-        let cgroup_root = host::cgroup2_mount()?.join("hitless-demo");
+        let cgroup_root = hitless_agent::cgroup::v2_mount()?.join("hitless-demo");
         let dir = std::env::temp_dir().join("hitless-demo");
         let demo = Self { args, dir, cgroup_root, ok: AtomicBool::new(false) };
         demo.clean();
@@ -128,15 +128,10 @@ impl Demo {
     /// demo nodes' datapaths and removes the scratch directory.
     fn clean(&self) {
         host::remove_tree(&self.cgroup_root);
-        if let (Ok(agent), Ok(pins)) = (host::sibling("hitless-agent"), std::fs::read_dir("/sys/fs/bpf/hitless")) {
+        if let Ok(pins) = std::fs::read_dir(hitless_agent::loader::PIN_ROOT) {
             for name in pins.flatten().filter_map(|e| e.file_name().into_string().ok()) {
                 if name.starts_with("demo-node") {
-                    let _ = host::command(&agent)
-                        .args(["detach", "--node", &name, "--pin-dir"])
-                        .arg(hitless::pin_dir(&name))
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::null())
-                        .status();
+                    let _ = hitless_agent::loader::detach(&hitless_agent::loader::default_pin_dir(&name));
                 }
             }
         }
