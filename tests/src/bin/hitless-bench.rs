@@ -215,13 +215,36 @@ fn prog_stats(pin_dir: &std::path::Path, prog: &str) -> Option<(u64, u64)> {
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
-    require_root();
-    let stats_before = std::fs::read_to_string(BPF_STATS).ok();
-    let _ = std::fs::write(BPF_STATS, "1");
+/// `kernel.bpf_stats_enabled` on for the guard's lifetime, then back as it was.
+struct BpfStats(Option<String>);
+
+impl BpfStats {
+    fn enable() -> Self {
+        let before = std::fs::read_to_string(BPF_STATS).ok();
+        let _ = std::fs::write(BPF_STATS, "1");
+        Self(before)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(v) = &self.0 {
+            let _ = std::fs::write(BPF_STATS, v.trim());
+        }
+    }
+}
+
+/// The server every benchmark connects to: accepts and closes, pinned to CPU 1.
+fn sink() -> hitless_tests::Proc {
     let mut sink = Command::new(bin("hitless-probe"));
     sink.args(["sink", "--tcp", SINK, "--cpu", "1"]);
-    let _sink = spawn_ready(sink);
+    spawn_ready(sink)
+}
+
+fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
+    require_root();
+    let stats = BpfStats::enable();
+    let _sink = sink();
     let direct_cg = Cgroup::new("bench-direct");
     let mut nodes = Vec::new();
     for n in SIZES {
@@ -255,9 +278,7 @@ fn datapath(count: u32, rounds: usize) -> anyhow::Result<()> {
     let before: Vec<Option<(u64, u64)>> = nodes.iter().map(|n| prog_stats(&n.pin_dir, "hl_connect4")).collect();
     let ra = measure(&a, &cgroups, count, rounds)?;
     let after: Vec<Option<(u64, u64)>> = nodes.iter().map(|n| prog_stats(&n.pin_dir, "hl_connect4")).collect();
-    if let Some(v) = stats_before {
-        let _ = std::fs::write(BPF_STATS, v.trim());
-    }
+    drop(stats);
     // ns per run of cgroup/connect4, and its share of a direct connect+close.
     let per_run: Vec<Option<f64>> = before
         .iter()
@@ -418,11 +439,8 @@ fn propagation(drains: usize) -> anyhow::Result<()> {
 
 fn metrics(count: u32, rounds: usize) -> anyhow::Result<()> {
     require_root();
-    let stats_before = std::fs::read_to_string(BPF_STATS).ok();
-    let _ = std::fs::write(BPF_STATS, "1");
-    let mut sink = Command::new(bin("hitless-probe"));
-    sink.args(["sink", "--tcp", SINK, "--cpu", "1"]);
-    let _sink = spawn_ready(sink);
+    let stats = BpfStats::enable();
+    let _sink = sink();
     let direct_cg = Cgroup::new("bench-m-direct");
     let mut nodes = Vec::new();
     for name in ["bench-m-on", "bench-m-off"] {
@@ -456,9 +474,7 @@ fn metrics(count: u32, rounds: usize) -> anyhow::Result<()> {
     let before = prog_stats(&nodes[0].pin_dir, "hl_sockops");
     let r = measure(&configs, &cgroups, count, rounds)?;
     let after = prog_stats(&nodes[0].pin_dir, "hl_sockops");
-    if let Some(v) = stats_before {
-        let _ = std::fs::write(BPF_STATS, v.trim());
-    }
+    drop(stats);
     println!("\nmetrics: connect+close to a VIP; {rounds} interleaved rounds of {count} connects");
     println!("| path | connects/s | vs direct |");
     println!("|---|---:|---:|");
