@@ -134,30 +134,6 @@ impl From<String> for StepError {
     }
 }
 
-/// [`analyse`] by a Prometheus server, once the window and the server's scrape lag have
-/// passed: the increase of the version's counters over the window ending at `end`,
-/// from every node. A
-/// server that cannot answer fails the gate: a rollout never goes on unjudged.
-async fn analyse_prometheus(
-    url: &super::prometheus::PromUrl,
-    end: std::time::SystemTime,
-    arch: &Architecture,
-    services: &BTreeMap<String, ServiceOps>,
-    window: Duration,
-    max_permille: u32,
-    step: usize,
-) -> Result<(), String> {
-    for s in arch.services.iter().filter(|s| services.contains_key(&s.name)) {
-        let (errors_q, attempts_q) = super::prometheus::failure_queries(&s.name, &s.version, window);
-        let asked = |e: super::prometheus::QueryError| format!("analysis after step {step}: {e}");
-        let errors = url.query(&errors_q, end).await.map_err(asked)?.round() as u64;
-        let attempts = url.query(&attempts_q, end).await.map_err(asked)?.round() as u64;
-        let verdict = Verdict { step, source: &format!(" (prometheus {url})"), window, max_permille };
-        verdict.judge(s, errors, attempts)?;
-    }
-    Ok(())
-}
-
 /// How often a wait for agents' reports checks that their sessions are still the ones
 /// that were sent the operations.
 const SESSION_CHECK: Duration = Duration::from_millis(100);
@@ -264,6 +240,10 @@ async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, StepError> {
 
 /// Watches the new version of the step's services for `window`: the share of its connects
 /// (from every node's clients) that failed or were reset must stay at or under the limit.
+/// The counts come from the agents' summaries, or from Prometheus when one is
+/// configured: the increase of the same kernel counters over the window, queried once
+/// the server's scrape lag has passed. A server that cannot answer fails the gate, so a
+/// rollout never goes on unjudged.
 async fn analyse(
     shared: &Shared,
     arch: &Architecture,
@@ -272,24 +252,44 @@ async fn analyse(
     max_permille: u32,
     step: usize,
 ) -> Result<(), String> {
-    if let Some((url, lag)) = &shared.prometheus {
-        tokio::time::sleep(window).await;
-        let end = std::time::SystemTime::now();
-        tokio::time::sleep(*lag).await;
-        return analyse_prometheus(url, end, arch, services, window, max_permille, step).await;
-    }
-    let before = shared.version_totals();
-    tokio::time::sleep(window).await;
-    // Agents report every second: wait for one more report to cover the window's end.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let after = shared.version_totals();
-    for s in arch.services.iter().filter(|s| services.contains_key(&s.name)) {
-        let key = (s.name.clone(), s.version.clone());
-        let (c0, f0, r0) = before.get(&key).copied().unwrap_or_default();
-        let (c1, f1, r1) = after.get(&key).copied().unwrap_or_default();
-        let attempts = (c1 - c0.min(c1)) + (f1 - f0.min(f1));
-        let errors = (f1 - f0.min(f1)) + (r1 - r0.min(r1));
-        Verdict { step, source: "", window, max_permille }.judge(s, errors, attempts)?;
+    let judged: Vec<&hitless_model::Service> =
+        arch.services.iter().filter(|s| services.contains_key(&s.name)).collect();
+    // (errors, attempts) of each judged service, and where they came from.
+    let mut counts: Vec<(u64, u64)> = Vec::new();
+    let source = match &shared.prometheus {
+        Some((url, lag)) => {
+            tokio::time::sleep(window).await;
+            let end = std::time::SystemTime::now();
+            tokio::time::sleep(*lag).await;
+            let asked = |e: super::prometheus::QueryError| format!("analysis after step {step}: {e}");
+            for s in &judged {
+                let (errors_q, attempts_q) = super::prometheus::failure_queries(&s.name, &s.version, window);
+                let errors = url.query(&errors_q, end).await.map_err(asked)?.round() as u64;
+                let attempts = url.query(&attempts_q, end).await.map_err(asked)?.round() as u64;
+                counts.push((errors, attempts));
+            }
+            format!(" (prometheus {url})")
+        }
+        None => {
+            let before = shared.version_totals();
+            tokio::time::sleep(window).await;
+            // Agents report every second: wait for one more report to cover the window's end.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let after = shared.version_totals();
+            for s in &judged {
+                let key = (s.name.clone(), s.version.clone());
+                let (c0, f0, r0) = before.get(&key).copied().unwrap_or_default();
+                let (c1, f1, r1) = after.get(&key).copied().unwrap_or_default();
+                let attempts = (c1 - c0.min(c1)) + (f1 - f0.min(f1));
+                let errors = (f1 - f0.min(f1)) + (r1 - r0.min(r1));
+                counts.push((errors, attempts));
+            }
+            String::new()
+        }
+    };
+    let verdict = Verdict { step, source: &source, window, max_permille };
+    for (s, (errors, attempts)) in judged.into_iter().zip(counts) {
+        verdict.judge(s, errors, attempts)?;
     }
     Ok(())
 }
