@@ -210,19 +210,27 @@ impl Cluster {
 
     /// The cluster the agents report, instance by instance.
     pub fn from_instances(instances: &[Instance]) -> Self {
-        let mut per: BTreeMap<String, Vec<Group>> = BTreeMap::new();
-        for i in instances {
-            per.entry(i.service.clone()).or_default().push(Group {
-                version: i.version.as_str().into(),
-                node: i.node.as_str().into(),
-                state: i.state,
-                weight: i.weight,
+        Self::from_each(
+            instances.iter().map(|i| (i.service.as_str(), i.version.as_str(), i.node.as_str(), i.state, i.weight)),
+        )
+    }
+
+    /// The cluster of single instances, each given as (service, version, node, state,
+    /// weight).
+    pub fn from_each<'a>(each: impl IntoIterator<Item = (&'a str, &'a str, &'a str, InstanceState, u32)>) -> Self {
+        let mut per: BTreeMap<&str, Vec<Group>> = BTreeMap::new();
+        for (service, version, node, state, weight) in each {
+            per.entry(service).or_default().push(Group {
+                version: version.into(),
+                node: node.into(),
+                state,
+                weight,
                 count: 1,
             });
         }
         let mut c = Self::default();
         for (name, groups) in per {
-            c.set(&name, ServiceState::from_groups(groups));
+            c.set(name, ServiceState::from_groups(groups));
         }
         c
     }

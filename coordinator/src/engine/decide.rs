@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use hitless_model::{Cluster, Group, InstanceState, ServiceState};
+use hitless_model::{Cluster, InstanceState};
 
 use crate::strategy::{Gate, Order, Strategy};
 use crate::target::Target;
@@ -32,17 +32,9 @@ pub struct Observed {
 
 /// The cluster the strategies plan from.
 pub fn cluster(observed: &[Observed]) -> Cluster {
-    let mut groups: BTreeMap<&str, Vec<Group>> = BTreeMap::new();
-    for o in observed {
-        groups.entry(o.service.as_str()).or_default().push(Group {
-            version: o.version.as_str().into(),
-            node: o.node.as_str().into(),
-            state: o.state,
-            weight: o.weight,
-            count: 1,
-        });
-    }
-    Cluster { services: groups.into_iter().map(|(s, g)| (s.to_owned(), ServiceState::from_groups(g))).collect() }
+    Cluster::from_each(
+        observed.iter().map(|o| (o.service.as_str(), o.version.as_str(), o.node.as_str(), o.state, o.weight)),
+    )
 }
 
 /// Operations of one service in one step.
