@@ -5,7 +5,9 @@
 //! request answers 200 with "VERSION ADDR\n". Connections are kept alive until the client
 //! sends `Connection: close` or closes. `--reset-half` resets every second connection
 //! (SO_LINGER 0) instead of answering: a faulty version for rollout tests; `--boot-ms`
-//! delays listening, like a service that takes a while to start. On SIGTERM it
+//! delays listening, like a service that takes a while to start; `--backlog N` sets the
+//! listen backlog (Python's `http.server` uses 5: under load its accept queue overflows,
+//! the kernel drops SYNs and clients retransmit them a second later). On SIGTERM it
 //! stops accepting, finishes the requests of open connections until their clients close
 //! them (answering with `Connection: close` from then on), and exits 0.
 
@@ -40,6 +42,9 @@ struct Args {
     /// Time to boot before listening, in milliseconds (a slow-starting service).
     #[arg(long, value_name = "MS", default_value_t = 0)]
     boot_ms: u64,
+    /// Listen backlog (accept queue length); default: the standard library's.
+    #[arg(long, value_name = "N")]
+    backlog: Option<i32>,
 }
 
 static TERM: AtomicBool = AtomicBool::new(false);
@@ -65,6 +70,14 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Some(backlog) = args.backlog {
+        // Linux: listen() again on a listening socket only changes its backlog.
+        // SAFETY: listen on a socket we own.
+        if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+            eprintln!("hitless-testsvc: listen backlog {backlog}: {}", std::io::Error::last_os_error());
+            std::process::exit(1);
+        }
+    }
     if let Err(e) = listener.set_nonblocking(true) {
         eprintln!("hitless-testsvc: {e}");
         std::process::exit(1);
