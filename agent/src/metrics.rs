@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry as PromRegistry, TextEncoder};
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry as PromRegistry, TextEncoder};
 use tracing::{info, warn};
 
 use crate::abi::{self, Endpoint};
@@ -140,10 +140,10 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
     let b_in =
         per_backend("hitless_backend_received_bytes_total", "Bytes received on closed connections to the instance.")?;
     let b_out = per_backend("hitless_backend_sent_bytes_total", "Bytes acked on closed connections to the instance.")?;
-    let b_rtt = IntGaugeVec::new(
+    let b_rtt = GaugeVec::new(
         Opts::new(
-            "hitless_backend_smoothed_rtt_microseconds",
-            "Mean smoothed RTT of closed connections to the instance.",
+            "hitless_backend_smoothed_rtt_seconds",
+            "Mean smoothed RTT of closed connections to the instance, in seconds.",
         ),
         &["node", "service", "instance", "version"],
     )?;
@@ -160,8 +160,8 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
         b_retrans.with_label_values(&l).inc_by(st.retrans);
         b_in.with_label_values(&l).inc_by(st.bytes_in);
         b_out.with_label_values(&l).inc_by(st.bytes_out);
-        if let Some(mean) = st.srtt_us_sum.checked_div(st.closed) {
-            b_rtt.with_label_values(&l).set(mean as i64);
+        if st.closed > 0 {
+            b_rtt.with_label_values(&l).set(st.srtt_us_sum as f64 / st.closed as f64 / 1e6);
         }
         histogram(&mut histograms, &l, &st);
     }
