@@ -1,29 +1,98 @@
 //! `cargo xtask`: the project's chores.
 //!
+//! - `cargo xtask test [-- ARGS]`: check the machine (kernel, cgroup v2, root), install the
+//!   Debian packages the tests use if any is missing, then run `cargo test --workspace ARGS`
+//!   (`-p PKG` in ARGS narrows it to that package) and exit with its status.
+//! - `cargo xtask deps`: only install the packages the tests and CI use (as root).
 //! - `cargo xtask ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed
 //!   `ebpf/*.bpf.o`, or check that the committed objects match their sources.
 //! - `cargo xtask demo [-- ARGS]`: build in release mode and run `hitless demo` (as root).
 //! - `cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]`: build in release mode and
 //!   run the benchmarks; each prints ratios against a baseline measured in the same run.
 
+mod packages;
+mod preflight;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+const USAGE: &str = "usage: cargo xtask test [-- ARGS] | cargo xtask deps | cargo xtask ebpf [--check] | \
+                     cargo xtask demo [-- ARGS] | cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")),
-        Some("demo") => demo(&args[1..]),
-        Some("bench") => bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]),
-        _ => Err("usage: cargo xtask ebpf [--check] | cargo xtask demo [-- ARGS] | cargo xtask bench [datapath|propagation|metrics|planner|all]".to_owned()),
+        Some("test") => test(&args[1..]),
+        Some("deps") => deps().map(|()| ExitCode::SUCCESS),
+        Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")).map(|()| ExitCode::SUCCESS),
+        Some("demo") => demo(&args[1..]).map(|()| ExitCode::SUCCESS),
+        Some("bench") => {
+            bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]).map(|()| ExitCode::SUCCESS)
+        }
+        _ => Err(USAGE.to_owned()),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("xtask: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `cargo xtask deps`: installs what the tests and CI use, and nothing else.
+fn deps() -> Result<(), String> {
+    packages::ensure(packages::TESTS, "the tests")?;
+    println!("xtask: all present: {}", packages::TESTS.iter().map(|p| p.name).collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+/// `cargo xtask test [-- ARGS]`: preflight, packages, then `cargo test --workspace ARGS`.
+fn test(rest: &[String]) -> Result<ExitCode, String> {
+    let rest = rest.strip_prefix(&["--".to_owned()]).unwrap_or(rest);
+    let machine = match preflight::check(true) {
+        Ok(m) => m,
+        Err(mut problems) => {
+            let need = packages::missing(packages::TESTS);
+            if !preflight::is_root() && !need.is_empty() {
+                problems.push(format!(
+                    "missing {}: as root, `cargo xtask test` installs them (`apt-get install --no-install-recommends {}`)",
+                    packages::describe(&need),
+                    packages::names(&need).join(" ")
+                ));
+            }
+            let mut msg = preflight::report("cargo xtask test", &problems);
+            if !preflight::is_root() {
+                msg.push_str("\nrun it as root from the clone: `cargo xtask test` (with sudo: `sudo env PATH=\"$PATH\" cargo xtask test`)");
+            }
+            return Err(msg);
+        }
+    };
+    println!(
+        "xtask: preflight ok: Linux {} (>= {}.{}), cgroup v2 at {}, root",
+        machine.kernel,
+        preflight::MIN_KERNEL.0,
+        preflight::MIN_KERNEL.1,
+        machine.cgroup2.display()
+    );
+    packages::ensure(packages::TESTS, "the tests")?;
+    let mut c = cargo();
+    c.arg("test");
+    // `-p PKG` in ARGS narrows the run to that package, so `--workspace` is left out then.
+    let cargo_args = rest.split(|a| a == "--").next().unwrap_or_default();
+    let narrowed = cargo_args
+        .iter()
+        .any(|a| a == "-p" || a == "--package" || a.starts_with("--package=") || (a.starts_with("-p") && a.len() > 2));
+    if !narrowed {
+        c.arg("--workspace");
+    }
+    c.args(rest);
+    let status = c.status().map_err(|e| format!("running cargo test: {e}"))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(n) => ExitCode::from(u8::try_from(n).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
 }
 
 fn root() -> PathBuf {
@@ -120,6 +189,12 @@ fn bench(which: &str, rest: &[String]) -> Result<(), String> {
     let known = ["datapath", "propagation", "metrics", "planner", "all"];
     if !known.contains(&which) {
         return Err(format!("unknown benchmark {which:?}; one of {}", known.join(", ")));
+    }
+    if which != "planner" {
+        preflight::check(true).map_err(|p| preflight::report("cargo xtask bench", &p))?;
+    }
+    if which == "datapath" || which == "all" {
+        packages::ensure(packages::BENCH_DATAPATH, "the datapath benchmark")?;
     }
     // Each benchmark appends its headline ratios here; printed as one table at the end.
     let summary = std::env::temp_dir().join(format!("hitless-bench-summary-{}", std::process::id()));
