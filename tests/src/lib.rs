@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+pub mod gateway;
 pub mod rig;
 
 /// Fails the test with what is missing when it cannot touch the kernel.
