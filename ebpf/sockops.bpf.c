@@ -181,11 +181,56 @@ static __always_inline struct hl_backend_stats *remote_stats(struct bpf_sock_ops
  * A connect counts in connects at ACTIVE_ESTABLISHED and in failed or closed
  * at CLOSE, each exactly once per socket, as before. */
 
+/* Adds d to the handshakes in flight to ep; 1 if counted. An entry is created
+ * only to count a start, never an end. */
+static __always_inline int pending_add(struct hl_endpoint *ep, __s64 d)
+{
+	__s64 zero = 0, *n = bpf_map_lookup_elem(&hl_pending, ep);
+
+	if (!n) {
+		if (d < 0)
+			return 0;
+		bpf_map_update_elem(&hl_pending, ep, &zero, BPF_NOEXIST);
+		n = bpf_map_lookup_elem(&hl_pending, ep);
+		if (!n)
+			return 0;
+	}
+	__sync_fetch_and_add(n, d);
+	return 1;
+}
+
+/* The socket's conn_ring slot if it still belongs to this socket, or NULL. */
+static __always_inline struct hl_conn_slot *own_slot(__u64 cookie, __u64 *start)
+{
+	__u32 idx = (__u32)cookie & (HL_CONN_SLOTS - 1);
+	struct hl_conn_slot *slot = bpf_map_lookup_elem(&hl_conn_ring, &idx);
+
+	if (!slot || slot->cookie != cookie)
+		return NULL;
+	barrier();
+	*start = slot->start_ns;
+	barrier();
+	if (slot->cookie != cookie)
+		return NULL;
+	return slot;
+}
+
+/* The handshake of the socket is over (established or failed): uncount it from
+ * pending if it was counted, once. Runs under the socket's lock, as do all
+ * callbacks of one socket, so the flag cannot be cleared twice. */
+static __always_inline void handshake_over(struct hl_endpoint *ep, struct hl_conn_slot *slot, __u64 start)
+{
+	if (!slot || !(start & HL_CONN_PENDING))
+		return;
+	slot->start_ns = start & ~HL_CONN_PENDING;
+	pending_add(ep, -1);
+}
+
 static __always_inline void connect_started(struct bpf_sock_ops *ctx)
 {
 	struct hl_endpoint ep = {};
 	struct hl_conn_slot *slot;
-	__u64 cookie;
+	__u64 cookie, flag;
 	__u32 idx;
 
 	if (!remote_backend(ctx, &ep))
@@ -194,9 +239,12 @@ static __always_inline void connect_started(struct bpf_sock_ops *ctx)
 	idx = (__u32)cookie & (HL_CONN_SLOTS - 1);
 	slot = bpf_map_lookup_elem(&hl_conn_ring, &idx);
 	if (slot) {
+		/* Counted only with a slot to remember it by: an uncounted end
+		 * would drift the count below the truth. */
+		flag = pending_add(&ep, 1) ? HL_CONN_PENDING : 0;
 		slot->cookie = cookie;
 		barrier();
-		slot->start_ns = bpf_ktime_get_ns();
+		slot->start_ns = bpf_ktime_get_ns() | flag;
 	}
 	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
@@ -206,27 +254,21 @@ static __always_inline void connect_done(struct bpf_sock_ops *ctx)
 	struct hl_endpoint ep = {};
 	struct hl_backend_stats *st;
 	struct hl_conn_slot *slot;
-	__u64 us, v, cookie, start;
-	__u32 b = 0, idx;
+	__u64 us, v, start = 0;
+	__u32 b = 0;
 
 	/* Not asked for by connect_started: not a connect to a backend. */
 	if (!(ctx->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
 		return;
+	if (!remote_ep(ctx, &ep))
+		return;
+	slot = own_slot(bpf_get_socket_cookie(ctx), &start);
+	handshake_over(&ep, slot, start);
 	st = remote_stats(ctx, &ep);
 	if (!st)
 		return;
-	cookie = bpf_get_socket_cookie(ctx);
-	idx = (__u32)cookie & (HL_CONN_SLOTS - 1);
-	slot = bpf_map_lookup_elem(&hl_conn_ring, &idx);
-	start = 0;
-	if (slot && slot->cookie == cookie) {
-		barrier();
-		start = slot->start_ns;
-		barrier();
-		if (slot->cookie != cookie)
-			start = 0;
-	}
-	if (start)
+	start &= ~HL_CONN_PENDING;
+	if (slot && start)
 		us = (bpf_ktime_get_ns() - start) / 1000;
 	else
 		/* The slot went to another socket during the handshake (one of
@@ -255,6 +297,13 @@ static __always_inline void connect_closed(struct bpf_sock_ops *ctx, __u32 old_s
 
 	/* Only sockets with state callbacks get here; the remote address is
 	 * still set (the kernel clears it after this callback). */
+	if (remote_ep(ctx, &ep)) {
+		/* Whatever state it closes from, a handshake still counted is over. */
+		__u64 start = 0;
+		struct hl_conn_slot *slot = own_slot(bpf_get_socket_cookie(ctx), &start);
+
+		handshake_over(&ep, slot, start);
+	}
 	st = remote_stats(ctx, &ep);
 	if (!st)
 		return;

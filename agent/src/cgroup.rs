@@ -94,3 +94,43 @@ mod tests {
         assert_eq!(parse_v2_mount("cgroup2 /mnt/gr\u{fc}n cgroup2 rw 0 0"), Some(PathBuf::from("/mnt/gr\u{fc}n")));
     }
 }
+
+/// Whether `child` (which may not exist yet) lies inside `parent` or is `parent`,
+/// comparing real paths: symlinks and `..` resolved as far as the path exists.
+pub fn contains(parent: &Path, child: &Path) -> io::Result<bool> {
+    let parent = parent.canonicalize()?;
+    let mut existing = child.to_path_buf();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(up)) => {
+                rest.push(name.to_owned());
+                existing = up.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut real = existing.canonicalize()?;
+    for name in rest.into_iter().rev() {
+        real.push(name);
+    }
+    Ok(real.starts_with(&parent))
+}
+
+#[cfg(test)]
+mod contains_tests {
+    use super::contains;
+
+    #[test]
+    fn a_child_inside_its_parent_even_before_it_exists() {
+        let tmp = std::env::temp_dir().join(format!("hitless-contains-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("attach/node")).expect("dirs");
+        std::fs::create_dir_all(tmp.join("sibling")).expect("dirs");
+        assert!(contains(&tmp.join("attach"), &tmp.join("attach/node/workload")).expect("paths"));
+        assert!(contains(&tmp.join("attach"), &tmp.join("attach")).expect("paths"));
+        assert!(!contains(&tmp.join("attach"), &tmp.join("sibling/workload")).expect("paths"));
+        assert!(!contains(&tmp.join("attach"), &tmp.join("attach/../sibling")).expect("paths"));
+        assert!(!contains(&tmp.join("attach"), &tmp.join("attached")).expect("paths"));
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}

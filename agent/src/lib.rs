@@ -12,6 +12,7 @@ pub mod apply;
 pub mod cgroup;
 pub mod desired;
 pub mod driver;
+pub mod inflight;
 pub mod link;
 pub mod loader;
 pub mod metrics;

@@ -266,6 +266,8 @@ async fn session_inner(
     }
     let mut mirror: Option<Mirror> = None;
     let mut wanted: Vec<desired::DesiredService> = Vec::new();
+    // Handshakes in flight to the backends the last revision took out of service.
+    let mut watch: Option<crate::inflight::Watch> = None;
     let mut tick = tokio::time::interval(OUTLIER_LOOK);
     let mut summaries = tokio::time::interval(SUMMARY_EVERY);
     loop {
@@ -277,6 +279,19 @@ async fn session_inner(
             _ = tick.tick() => {
                 if let Some(m) = &mirror {
                     look_at_outliers(site, writer, &wanted, m.revision)?;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(crate::inflight::WATCH_EVERY), if watch.is_some() => {
+                if let Some(w) = watch.as_mut() {
+                    if let Some(ack) = w.look(writer.maps(), std::time::Instant::now()) {
+                        if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Ack(ack)) }).await.is_err() {
+                            return Err(LinkError::Closed);
+                        }
+                    }
+                    if w.done() {
+                        watch = None;
+                    }
                 }
                 continue;
             }
@@ -325,7 +340,9 @@ async fn session_inner(
             let outliers = site.outliers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             crate::apply::revision(writer, &wanted, &reg, next.revision, &site.metrics, node, &outliers)?;
         }
-        let ack = pb::AgentMessage { msg: Some(agent_message::Msg::Ack(pb::Ack { revision: next.revision })) };
+        let (w, ack) = crate::inflight::Watch::start(next.revision, &wanted, writer.maps(), std::time::Instant::now());
+        watch = (!w.done()).then_some(w);
+        let ack = pb::AgentMessage { msg: Some(agent_message::Msg::Ack(ack)) };
         if tx.send(ack).await.is_err() {
             return Err(LinkError::Closed);
         }
@@ -470,9 +487,22 @@ async fn stop_instance(
     };
     r.version = info.version.clone();
     r.id = info.id.clone();
-    let maps = Maps::open(&pin_dir).ok();
-    let ep = Endpoint::new(SocketAddr::new(info.address.into(), info.port), PROTO_TCP);
-    let active = move || maps.as_ref().map_or(0, |m| m.active_connections(&ep));
+    let addr = SocketAddr::new(info.address.into(), info.port);
+    let maps = match Maps::open(&pin_dir) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            // Connections it cannot see are never "0 open": wait out the deadline.
+            warn!(service = %op.service, address = %op.address, error = %e, "cannot read the connection counts; the drain waits for its deadline");
+            None
+        }
+    };
+    let ep = Endpoint::new(addr, PROTO_TCP);
+    // Open connections, and handshakes the instance's listener holds but has not
+    // finished (a SYN answered, its ACK not yet accepted): both would fail on SIGTERM.
+    let active = move || match &maps {
+        Some(m) => m.active_connections(&ep) + crate::inflight::half_open(addr) as i64,
+        None => 1,
+    };
     match driver.stop(&info.id, active).await {
         Ok(rep) => {
             r.detail = format!(

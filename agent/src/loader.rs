@@ -187,6 +187,7 @@ pub fn load(pin_dir: &Path, cgroup: &Path, caps: Capacities) -> Result<Loaded, L
             .map_max_entries(names::BACKENDS, caps.backends)
             .map_max_entries(names::BACKEND_ADDR, caps.backends)
             .map_max_entries(names::ACTIVE, caps.backends)
+            .map_max_entries(names::PENDING, caps.backends)
             .map_max_entries(names::BACKEND_STATS, caps.backends)
             .map_max_entries(names::REV_NAT, caps.connections)
             .load(obj)

@@ -181,6 +181,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c,
         None => cgroup::v2_mount().context("finding the cgroup v2 root to attach to")?,
     };
+    if let Some(w) = &args.workload_cgroup {
+        // Connections of instances outside the attached cgroup are invisible to the
+        // counting program: every drain would end at once, "0 open", with requests in flight.
+        let inside = cgroup::contains(&cgroup, w).with_context(|| {
+            format!("comparing --workload-cgroup {} with --cgroup {}", w.display(), cgroup.display())
+        })?;
+        if !inside {
+            return Err(BadInput(format!(
+                "--workload-cgroup {} is not inside --cgroup {}: the datapath would not see the instances' connections and every drain would end with requests in flight; put the workload cgroup under {} (or attach higher with --cgroup)",
+                w.display(),
+                cgroup.display(),
+                cgroup.display()
+            ))
+            .into());
+        }
+    }
     let pin_dir = pin_dir_for(node, args.pin_dir);
     let caps = Capacities {
         services: args.max_services,

@@ -51,6 +51,8 @@ pub mod names {
     pub const REV_RING: &str = "hl_rev_ring";
     /// Start times of outgoing connects to backends, by socket cookie.
     pub const CONN_RING: &str = "hl_conn_ring";
+    /// Connects from this node still in their handshake, per remote backend.
+    pub const PENDING: &str = "hl_pending";
 }
 
 /// Why an apply did not happen or did not finish.
@@ -101,7 +103,7 @@ pub struct Capacity {
     pub services: usize,
     /// `hl_frontends`.
     pub vips: usize,
-    /// `hl_backends`, `hl_backend_addr`, `hl_active`.
+    /// `hl_backends`, `hl_backend_addr`, `hl_active`, `hl_pending`.
     pub backends: usize,
     /// `hl_slots`.
     pub slots: usize,
@@ -115,6 +117,7 @@ pub struct Maps {
     backends: HashMap<MapData, u32, Backend>,
     backend_addr: HashMap<MapData, Endpoint, u32>,
     active: HashMap<MapData, Endpoint, i64>,
+    pending: HashMap<MapData, Endpoint, i64>,
     counters: PerCpuArray<MapData, Counters>,
     meta: Array<MapData, Meta>,
     backend_stats: PerCpuHashMap<MapData, Endpoint, BackendStats>,
@@ -148,6 +151,7 @@ impl Maps {
         let (backends, backends_cap) = typed!(pin_dir, names::BACKENDS);
         let (backend_addr, addr_cap) = typed!(pin_dir, names::BACKEND_ADDR);
         let (active, _) = typed!(pin_dir, names::ACTIVE);
+        let (pending, _) = typed!(pin_dir, names::PENDING);
         let (counters, counters_cap) = typed!(pin_dir, names::COUNTERS);
         let (meta, _) = typed!(pin_dir, names::META);
         let (backend_stats, _) = typed!(pin_dir, names::BACKEND_STATS);
@@ -158,6 +162,7 @@ impl Maps {
             backends,
             backend_addr,
             active,
+            pending,
             counters,
             meta,
             backend_stats,
@@ -187,6 +192,12 @@ impl Maps {
     /// Open server-side connections of the local backend at `ep` (0 when unknown).
     pub fn active_connections(&self, ep: &Endpoint) -> i64 {
         self.active.get(ep, 0).unwrap_or(0).max(0)
+    }
+
+    /// Connects from this node to the backend at `ep` still in their handshake: sent a
+    /// SYN, neither established nor failed yet (0 when none).
+    pub fn handshakes_in_flight(&self, ep: &Endpoint) -> u64 {
+        self.pending.get(ep, 0).map_or(0, |n| n.max(0) as u64)
     }
 
     /// What this node's clients saw of the backend at `ep`, summed over CPUs.
@@ -645,6 +656,11 @@ impl Writer {
             // A gauge nothing will move again: drop it once it reads zero.
             if self.maps.active.get(&ep, 0).is_ok_and(|n| n <= 0) {
                 let _ = self.maps.active.remove(&ep);
+            }
+            // No connect can start to an address that is no backend; one that ends
+            // after the entry is gone finds none and counts nothing.
+            if self.maps.pending.get(&ep, 0).is_ok_and(|n| n <= 0) {
+                let _ = self.maps.pending.remove(&ep);
             }
             self.report.writes += 1;
         }

@@ -5,7 +5,7 @@
  * other object of the datapath) reuses the same maps. Capacities here are
  * defaults; the agent sets them at load time from its flags. The agent is the
  * only writer of every map except rev_nat, rev_ring, conn_ring, counters,
- * active and sk_mark, which the programs write.
+ * active, pending and sk_mark, which the programs write.
  */
 #ifndef HITLESS_MAPS_H
 #define HITLESS_MAPS_H
@@ -127,6 +127,20 @@ struct {
 	__type(value, struct hl_conn_slot);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } hl_conn_ring SEC(".maps");
+
+/* remote backend (address, port, TCP) -> connects from this node still in
+ * their handshake (from TCP_CONNECT_CB to established or failed). A drain is
+ * over only when no node has one left to the instance: a SYN dropped by a full
+ * accept queue is retransmitted a second later, and would be refused if the
+ * instance had been stopped meanwhile. Atomic (not per CPU): the agent must
+ * never read a connect's end without its start. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct hl_endpoint);
+	__type(value, __s64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_pending SEC(".maps");
 
 /* The revision the maps hold, written last by the agent. */
 struct {

@@ -138,8 +138,13 @@ struct hl_rev_bucket {
 
 struct hl_conn_slot {
 	__u64 cookie;
-	__u64 start_ns;
+	__u64 start_ns; /* bpf_ktime_get_ns(), | HL_CONN_PENDING while counted in pending */
 };
+
+/* Set in hl_conn_slot.start_ns while the connect is counted in hl_pending, cleared
+ * when it is uncounted. ktime never reaches bit 63, and programs before this flag
+ * never set it, so a socket is uncounted only if it was counted, exactly once. */
+#define HL_CONN_PENDING (1ULL << 63)
 
 /* counters value (per CPU), indexed by service id. */
 struct hl_counters {

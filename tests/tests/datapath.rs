@@ -311,3 +311,32 @@ fn more_than_the_maps_hold_is_refused_whole() {
     assert_eq!(connects(Some(&node.cgroup), "127.77.9.1:8080", 10).from("127.109.0.1:8080"), 10);
     assert_eq!(connects(Some(&node.cgroup), "127.77.9.3:8080", 10).ok, 0);
 }
+
+#[test]
+fn a_workload_cgroup_outside_the_attached_one_is_refused_at_start() {
+    let mut node = Node::new("wlout");
+    // A sibling of the node's cgroup: the counting program attached to the node's
+    // cgroup would never see the instances' connections.
+    let outside = node.cgroup.path().with_file_name(format!("{}-workload", node.name));
+    node.follow("http://127.0.0.1:1");
+    node.agent_args(&["--workload-cgroup", outside.to_str().expect("utf-8"), "--instance-addresses", "127.109.0.0/24"]);
+    let mut agent = node.agent_command().stderr(Stdio::piped()).spawn().expect("agent");
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = agent.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!("the agent started with a workload cgroup it cannot see; it must refuse");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().expect("piped"), &mut err).expect("stderr");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--workload-cgroup") && err.contains("is not inside --cgroup"), "{err}");
+    assert!(!node.pin_dir.exists(), "a refused start must not load anything");
+    assert!(!outside.exists(), "a refused start must not create the workload cgroup");
+}

@@ -3,6 +3,7 @@
 //! [`record`] what it stores; the functions here are the operator's controls.
 
 pub mod decide;
+pub mod handshakes;
 pub mod prometheus;
 pub mod record;
 pub mod run;

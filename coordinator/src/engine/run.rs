@@ -598,6 +598,8 @@ async fn stop(
 ) -> Result<String, StepError> {
     let key = (service.to_owned(), address.to_owned());
     let mut detail = format!("{service} {address}: not run by any agent");
+    let deadline = svc.and_then(|s| s.drain_deadline).map_or(DEFAULT_DRAIN_DEADLINE, |d| d.to_std());
+    let mut handshakes = None;
     if shared.instance(&key).is_some() {
         let d = barrier(shared, key.clone(), pb::InstanceState::Draining, Duration::from_secs(10))
             .await
@@ -608,9 +610,9 @@ async fn stop(
             return Err(format!("drain of {address} ({service}) not acknowledged by {}", late.join(", ")).into());
         }
         applied_everywhere(shared, d.revision, address).await?;
+        handshakes = Some(super::handshakes::quiet_everywhere(shared, d.revision, address, deadline).await);
     }
     if let Some(node) = node {
-        let deadline = svc.and_then(|s| s.drain_deadline).map_or(DEFAULT_DRAIN_DEADLINE, |d| d.to_std());
         let mut reports = shared.reports.subscribe();
         let sessions = sessions(shared);
         let op_id = format!("stop-{service}-{address}");
@@ -632,7 +634,10 @@ async fn stop(
                 Ok(Ok((_, rep))) if rep.address == address && rep.service == service => match rep.phase() {
                     pb::InstancePhase::Stopped | pb::InstancePhase::Crashed => {
                         info!(%service, %address, %node, report = %rep.detail, "instance stopped");
-                        detail = format!("{service} {address} on {node}: {}", rep.detail);
+                        detail = match &handshakes {
+                            Some(h) => format!("{service} {address} on {node}: {h}, {}", rep.detail),
+                            None => format!("{service} {address} on {node}: {}", rep.detail),
+                        };
                         break;
                     }
                     _ => {}

@@ -85,7 +85,7 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 match m.msg {
-                    Some(agent_message::Msg::Ack(a)) => shared.ack(&node, session, a.revision),
+                    Some(agent_message::Msg::Ack(a)) => shared.ack(&node, session, &a),
                     Some(agent_message::Msg::Instance(r)) => shared.instance_report(&node, r),
                     Some(agent_message::Msg::Metrics(m)) => shared.metrics(&node, m),
                     Some(agent_message::Msg::Hello(_)) | None => {}

@@ -43,6 +43,12 @@ pub struct NodeInfo {
     pub applied: u64,
     /// Last message from it.
     pub last_contact: Instant,
+    /// The latest revision whose list of handshakes in flight is settled (see
+    /// `settled` in the `Ack` message); 0 before any.
+    pub settled: u64,
+    /// Connects from this node still in their handshake, by backend address, to
+    /// backends that are draining or down, as of its latest ack.
+    pub in_flight: BTreeMap<String, u64>,
 }
 
 struct Inner {
@@ -366,19 +372,34 @@ impl Shared {
             *n += 1;
             *n
         };
-        lock(&self.nodes)
-            .insert(node.to_owned(), NodeInfo { session: id, connected: true, applied, last_contact: Instant::now() });
+        lock(&self.nodes).insert(
+            node.to_owned(),
+            NodeInfo {
+                session: id,
+                connected: true,
+                applied,
+                last_contact: Instant::now(),
+                settled: 0,
+                in_flight: BTreeMap::new(),
+            },
+        );
         info!(%node, applied, session = id, "agent connected");
         id
     }
 
-    /// Records an ack of `session` of `node`.
-    pub fn ack(&self, node: &str, session: u64, revision: u64) {
+    /// Records an ack of `session` of `node`: the revision its maps hold, and the
+    /// handshakes in flight from it to backends that stopped serving.
+    pub fn ack(&self, node: &str, session: u64, ack: &pb::Ack) {
         let at = Instant::now();
+        let revision = ack.revision;
         if let Some(n) = lock(&self.nodes).get_mut(node) {
             if n.session == session {
                 n.applied = revision;
                 n.last_contact = at;
+                n.in_flight = ack.in_flight.iter().map(|f| (f.address.clone(), f.handshakes)).collect();
+                if ack.settled {
+                    n.settled = revision;
+                }
             }
         }
         let _ = self.acks.send(AckEvent { node: node.to_owned(), revision, at });
