@@ -78,6 +78,9 @@ pub fn apply(
     Ok(revision)
 }
 
+/// Longest wait between two tries of a registry whose apply failed.
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
 /// Watches `path` forever, applying each valid change. An invalid file is logged with
 /// every problem and the last good state stays in force.
 pub fn watch(
@@ -86,15 +89,20 @@ pub fn watch(
     poll: Duration,
     metrics: &metrics::State,
     node: &str,
-    mut reg: Registry,
+    reg: Registry,
     outliers: &mut Outliers,
 ) -> ! {
     let mut last_stamp = stamp(path);
     let mut last_text = std::fs::read_to_string(path).ok();
+    // What the maps should hold: rebuilt only when the registry changes, never per poll.
+    let mut d = desired::from_registry(&reg);
+    // A valid file whose apply failed (a transient map error): retried every poll until
+    // it lands, not only when the file changes again.
+    let mut unapplied: Option<Registry> = None;
+    let (mut retry_at, mut backoff) = (std::time::Instant::now(), poll);
     loop {
         std::thread::sleep(poll);
         // Outliers: a change in who is isolated re-applies the same revision.
-        let d = desired::from_registry(&reg);
         if outliers.observe(writer.maps(), &d, std::time::Instant::now()) {
             let revision = writer.maps().revision().unwrap_or(0);
             if let Err(e) = writer.apply(&outliers.overlay(&d), revision) {
@@ -104,29 +112,42 @@ pub fn watch(
             metrics.set_outliers(outliers);
         }
         let now = stamp(path);
-        if now == last_stamp {
-            continue;
-        }
-        last_stamp = now;
-        let Ok(text) = std::fs::read_to_string(path) else {
-            warn!(file = %path.display(), "registry file unreadable; keeping the state in force");
-            continue;
-        };
-        if last_text.as_deref() == Some(text.as_str()) {
-            continue;
-        }
-        last_text = Some(text.clone());
-        match Registry::parse(&text) {
-            Ok(next) => match apply(writer, &next, metrics, node, outliers) {
-                Ok(_) => reg = next,
-                Err(e) => {
-                    error!(file = %path.display(), error = %e, "registry not applied; the state in force is unchanged or safely partial, and the next change retries");
+        if now != last_stamp {
+            last_stamp = now;
+            match std::fs::read_to_string(path) {
+                Err(_) => warn!(file = %path.display(), "registry file unreadable; keeping the state in force"),
+                Ok(text) if last_text.as_deref() == Some(text.as_str()) => {}
+                Ok(text) => {
+                    last_text = Some(text.clone());
+                    match Registry::parse(&text) {
+                        Ok(next) => {
+                            unapplied = Some(next);
+                            (retry_at, backoff) = (std::time::Instant::now(), poll);
+                        }
+                        Err(e) => {
+                            metrics.error();
+                            for p in e.problems() {
+                                error!(file = %path.display(), field = %p.path, problem = %p.problem, fix = %p.fix, "invalid registry file; keeping the state in force");
+                            }
+                        }
+                    }
                 }
-            },
-            Err(e) => {
-                metrics.error();
-                for p in e.problems() {
-                    error!(file = %path.display(), field = %p.path, problem = %p.problem, fix = %p.fix, "invalid registry file; keeping the state in force");
+            }
+        }
+        if let Some(next) = unapplied.take_if(|_| std::time::Instant::now() >= retry_at) {
+            match apply(writer, &next, metrics, node, outliers) {
+                Ok(_) => d = desired::from_registry(&next),
+                Err(e @ WriteError::Capacity { .. }) => {
+                    // Only a smaller file (or larger maps) can fix this: wait for a change.
+                    metrics.error();
+                    error!(file = %path.display(), error = %e, "registry not applied; nothing was changed");
+                }
+                Err(e) => {
+                    metrics.error();
+                    error!(file = %path.display(), error = %e, retry_ms = backoff.as_millis() as u64, "registry not applied; the state in force is unchanged or safely partial; retrying");
+                    unapplied = Some(next);
+                    retry_at = std::time::Instant::now() + backoff;
+                    backoff = (backoff * 2).min(MAX_RETRY);
                 }
             }
         }
