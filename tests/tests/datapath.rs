@@ -153,12 +153,15 @@ fn ipv6_and_udp_behave_like_ipv4_tcp() {
     assert_eq!((s.ok, s.from(udp6[0])), (100, 100), "{s:?}");
     assert_eq!(s.peers.get("[::1]:15353"), Some(&100), "recvmsg6 shows the VIP: {s:?}");
 
-    // Draining a UDP backend moves new datagrams off it too.
-    node.apply(&registry(&[
-        udp("dns", "127.77.4.1:53", &udp4[..1], "serving") + &udp("dns-old", "127.77.4.2:53", &udp4[1..], "draining")
-    ]));
+    // Draining a UDP backend in its own service moves new datagrams off it too: through
+    // the VIP, and from a stale client sending to the drained address itself.
+    let dns = service("dns", &["127.77.4.1:53"], "steer", &[(udp4[0], "serving", 100), (udp4[1], "draining", 100)])
+        .replace("    policy: steer\n", "    policy: steer\n    protocol: udp\n");
+    node.apply(&registry(&[dns]));
     let s = datagrams(Some(&node.cgroup), "127.77.4.1:53", 100);
-    assert_eq!(s.from(udp4[0]), 100, "{s:?}");
+    assert_eq!((s.ok, s.from(udp4[0])), (100, 100), "{s:?}");
+    let s = datagrams(Some(&node.cgroup), udp4[1], 100);
+    assert_eq!((s.ok, s.from(udp4[0])), (100, 100), "a stale UDP client is steered off the draining backend: {s:?}");
 }
 
 #[test]
