@@ -139,6 +139,30 @@ fn an_instance_that_never_becomes_healthy_fails_the_rollout_and_traffic_stays() 
     assert_eq!(rig.versions(), vec!["v1".to_owned(); 6], "traffic stays on the healthy v1 instances");
 }
 
+/// The rollout's step once nothing is starting or stopping any more, in two looks
+/// 300 ms apart with the same step (between a step's stop and its start nothing is
+/// busy for a moment), up to 30 s.
+fn step_settled(rig: &Rig) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let idle = |r: &serde_json::Value| {
+        !r["services"].as_array().is_some_and(|s| s.iter().any(|s| s["starting"] != 0 || s["draining"] != 0))
+    };
+    let mut last: Option<serde_json::Value> = None;
+    loop {
+        let r = rig.rollout();
+        if idle(&r) {
+            if last.as_ref() == Some(&r["step"]) {
+                return r["step"].clone();
+            }
+            last = Some(r["step"].clone());
+        } else {
+            last = None;
+        }
+        assert!(std::time::Instant::now() < deadline, "the step in flight never finished: {r}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn a_rollout_can_be_paused_resumed_retargeted_and_aborted() {
     let rig = Rig::new("ctl", 4);
@@ -149,9 +173,9 @@ fn a_rollout_can_be_paused_resumed_retargeted_and_aborted() {
     let out = rig.coord.cli(&["pause"]);
     assert!(out.status.success(), "pause: {}", String::from_utf8_lossy(&out.stderr));
     rig.wait_state(&["paused"]);
-    // The step in flight when the pause came finishes; no new one starts.
-    std::thread::sleep(Duration::from_millis(1500));
-    let held = rig.rollout()["step"].clone();
+    // The step in flight when the pause came finishes (a stop may wait a second for
+    // handshakes in flight); no new one starts.
+    let held = step_settled(&rig);
     let versions = rig.versions();
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(rig.rollout()["step"], held, "no step while paused");
