@@ -6,7 +6,7 @@
 //! restarted agent reports the same totals. Served by a small thread on
 //! `--metrics-addr`; nothing here writes a map.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,6 +117,21 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
         if ep.proto == abi::PROTO_TCP && maps.has_active_entry(ep) {
             let addr = ep.socket_addr().to_string();
             active.with_label_values(&[node, service, &addr, version]).set(maps.active_connections(ep));
+        }
+    }
+    let in_flight = IntGaugeVec::new(
+        Opts::new(
+            "hitless_backend_handshakes_in_flight",
+            "Connects from this node to the instance still in their handshake (SYN sent, neither established nor failed); a drain waits for 0 on every node.",
+        ),
+        &["node", "service", "instance", "version"],
+    )?;
+    reg.register(Box::new(in_flight.clone()))?;
+    for (ep, service, version) in labels.backends.iter().filter(|(ep, _, _)| ep.proto == abi::PROTO_TCP) {
+        let n = maps.handshakes_in_flight(ep);
+        if n > 0 {
+            let addr = ep.socket_addr().to_string();
+            in_flight.with_label_values(&[node, service, &addr, version]).set(n as i64);
         }
     }
     let per_backend = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
@@ -251,6 +266,9 @@ fn histogram(out: &mut String, l: &[&str; 4], st: &abi::BackendStats) {
     let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
 }
 
+/// The most of a request the metrics server reads.
+const MAX_REQUEST_LINE: u64 = 8 * 1024;
+
 /// Serves `/metrics` on `addr` from a thread; returns the bound address.
 pub fn serve(addr: SocketAddr, pin_dir: PathBuf, state: Arc<State>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
@@ -268,8 +286,9 @@ pub fn serve(addr: SocketAddr, pin_dir: PathBuf, state: Arc<State>) -> std::io::
 
 fn answer(mut conn: TcpStream, pin_dir: &std::path::Path, state: &State) -> std::io::Result<()> {
     conn.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    // Only the request line matters, and it is short: a longer one is not read whole.
     let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
+    BufReader::new(Read::take(&conn, MAX_REQUEST_LINE)).read_line(&mut line)?;
     let (status, body) = if line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?") {
         match Maps::open(pin_dir).map_err(|e| e.to_string()).and_then(|m| render(&m, state).map_err(|e| e.to_string()))
         {

@@ -99,3 +99,22 @@ fn counters_and_gauges_move_by_exactly_what_the_test_did() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn an_oversized_request_line_is_answered_without_being_read_whole() {
+    let mut node = Node::new("metricsbig");
+    let addr = "127.135.2.1:9477";
+    node.agent_args(&["--metrics-addr", addr]);
+    node.write_registry("services:\n  - name: cart\n    backends: [{ address: \"127.135.2.2:8080\" }]\n");
+    node.start_agent();
+    let mut c = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    // 64 KiB with no end of line, and the connection kept open: a server reading the
+    // line whole would wait for more (until its read timeout) and answer nothing.
+    let _ = c.write_all(&vec![b'A'; 64 * 1024]);
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 404"), "an answer, not a hang-up after the read timeout: {text:?}");
+    // Still serving afterwards.
+    assert!(scrape(addr).contains_key(&format!("hitless_agent_applied_revision{{node=\"{}\"}}", node.name)));
+}
