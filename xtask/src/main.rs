@@ -5,7 +5,8 @@
 //!   (`-p PKG` in ARGS narrows it to that package) and exit with its status.
 //! - `cargo xtask deps`: only install the packages the tests and CI use (as root).
 //! - `cargo xtask ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed
-//!   `ebpf/*.bpf.o`, or check that the committed objects match their sources.
+//!   `ebpf/*.bpf.o`, or check that the committed objects match their sources; then
+//!   check the Rust mirrors of every shared struct against the objects' BTF.
 //! - `cargo xtask demo [-- ARGS]`: build in release mode and run `hitless demo` (as root).
 //! - `cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]`: build in release mode and
 //!   run the benchmarks; each prints ratios against a baseline measured in the same run.
@@ -160,14 +161,17 @@ fn ebpf(check: bool) -> Result<(), String> {
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    if stale.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
+    if !stale.is_empty() {
+        return Err(format!(
             "committed objects differ from their sources: {}; run `cargo xtask ebpf` and commit",
             stale.join(", ")
-        ))
+        ));
     }
+    // Every struct the agent mirrors, against the objects' BTF: offsets and sizes of
+    // every field (agent/tests/btf_layout.rs names any that differ).
+    let mut c = cargo();
+    c.args(["test", "--quiet", "-p", "hitless-agent", "--test", "btf_layout"]);
+    run(c, "the C/Rust layout check against the objects' BTF")
 }
 
 fn cargo() -> Command {
