@@ -8,6 +8,8 @@
 //!   `ebpf/*.bpf.o`, or check that the committed objects match their sources; then
 //!   check the Rust mirrors of every shared struct against the objects' BTF.
 //! - `cargo xtask demo [-- ARGS]`: build in release mode and run `hitless demo` (as root).
+//! - `cargo xtask soak [--rollouts N] [--kills K] [--seed S]`: chaos at scale under nginx
+//!   and wrk; one line of totals at the end, exit 1 on any loss (as root).
 //! - `cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]`: build in release mode and
 //!   run the benchmarks; each prints ratios against a baseline measured in the same run.
 
@@ -18,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage: cargo xtask test [-- ARGS] | cargo xtask deps | cargo xtask ebpf [--check] | \
-                     cargo xtask demo [-- ARGS] | cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]";
+                     cargo xtask demo [-- ARGS] | cargo xtask soak [--rollouts N] [--kills K] [--seed S] | cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         Some("deps") => deps().map(|()| ExitCode::SUCCESS),
         Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")).map(|()| ExitCode::SUCCESS),
         Some("demo") => demo(&args[1..]).map(|()| ExitCode::SUCCESS),
+        Some("soak") => soak(&args[1..]).map(|()| ExitCode::SUCCESS),
         Some("bench") => {
             bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]).map(|()| ExitCode::SUCCESS)
         }
@@ -249,6 +252,19 @@ fn run_benches(which: &str, rest: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `cargo xtask soak [--rollouts N] [--kills K] [--seed S]`: rollouts of every lossless
+/// strategy under nginx + wrk with seeded SIGKILLs of the coordinator, agents and
+/// starting instances (`hitless-soak`, as root); ends with its one-line verdict.
+fn soak(rest: &[String]) -> Result<(), String> {
+    packages::ensure(packages::TESTS, "the soak")?;
+    let mut c = cargo();
+    c.args(["build", "--quiet", "-p", "hitless-coordinator", "-p", "hitless-agent", "-p", "hitless-tests"]);
+    run(c, "building the soak")?;
+    let mut s = Command::new(root().join("target/debug/hitless-soak"));
+    s.args(rest.iter().filter(|a| *a != "--"));
+    run(s, "the soak (as root)")
 }
 
 /// Builds the binaries `hitless demo` runs (the CLI, the agent, the demo service) and

@@ -1,0 +1,284 @@
+//! `hitless-soak`: chaos at scale. Rollouts of every lossless strategy under real
+//! clients (nginx in node 0 proxying to the VIP with a new upstream connection per
+//! request, driven by wrk; probe loops through the VIP and from stale caches on every
+//! node), with seeded SIGKILLs of the coordinator, of agents and of starting instances,
+//! most while a step is in flight. Ends with one line:
+//!
+//! `soak: R rollouts, K kills (C coordinator, A agent, I instance, M mid-step), F failed requests, O orphaned, D doubled, T targets reached`
+//!
+//! and exits 1 on any loss, orphan, double or missed target. `HITLESS_SEED` or `--seed`
+//! replays a run. Run as root (`cargo xtask soak --rollouts N --kills K [--seed S]`).
+
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use hitless_tests::gateway::{require_tools, Gateway, Upstream, Wrk};
+use hitless_tests::rig::{finish, instances, pids, Rig};
+use hitless_tests::{require_root, Coordinator, Node};
+
+/// xorshift64: small, seedable, reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo).max(1)
+    }
+}
+
+const STRATEGIES: [&[&str]; 6] = [
+    &["--strategy", "rolling", "--max-surge", "1", "--max-unavailable", "0"],
+    &["--strategy", "canary"],
+    &["--strategy", "blue-green"],
+    &["--strategy", "mixed"],
+    &["--strategy", "weighted", "--steps", "50,100"],
+    &["--strategy", "rolling", "--max-surge", "2", "--max-unavailable", "0"],
+];
+/// The instances' addresses: node i takes 127.175.i.0/24 (no other suite uses 127.175).
+const POOL: &str = "127.175.";
+const COORDINATOR: &str = "127.130.75.1:7070";
+const VIP: &str = "127.77.175.1:8080";
+/// Bound of one rollout's load, in seconds.
+const MAX_LOAD_SECS: u64 = 120;
+
+#[derive(Default)]
+struct Tally {
+    rollouts: u32,
+    kills: u32,
+    coordinator: u32,
+    agent: u32,
+    instance: u32,
+    mid_step: u32,
+    failed: u64,
+    orphaned: u64,
+    doubled: u64,
+    targets: u32,
+}
+
+impl Tally {
+    fn line(&self) -> String {
+        format!(
+            "soak: {} rollouts, {} kills ({} coordinator, {} agent, {} instance, {} mid-step), {} failed requests, {} orphaned, {} doubled, {} targets reached",
+            self.rollouts,
+            self.kills,
+            self.coordinator,
+            self.agent,
+            self.instance,
+            self.mid_step,
+            self.failed,
+            self.orphaned,
+            self.doubled,
+            self.targets
+        )
+    }
+
+    fn clean(&self) -> bool {
+        self.failed == 0 && self.orphaned == 0 && self.doubled == 0 && self.targets == self.rollouts
+    }
+}
+
+fn flag(args: &[String], name: &str) -> Option<u64> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("hitless-soak [--rollouts N (12)] [--kills K (48)] [--seed S]  (as root; needs nginx-light and wrk)");
+        return ExitCode::SUCCESS;
+    }
+    let rollouts = flag(&args, "--rollouts").unwrap_or(12).max(1) as u32;
+    let kills = flag(&args, "--kills").unwrap_or(48) as u32;
+    let seed = flag(&args, "--seed")
+        .or_else(|| std::env::var("HITLESS_SEED").ok().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        })
+        | 1;
+    require_root();
+    require_tools();
+    println!("soak: {rollouts} rollouts, {kills} kills, seed {seed} (--seed {seed} replays it)");
+    let mut tally = Tally::default();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| soak(rollouts, kills, seed, &mut tally)));
+    if let Err(e) = &outcome {
+        let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()));
+        println!("soak: stopped early (seed {seed}): {}", why.unwrap_or_default());
+    }
+    println!("{}", tally.line());
+    if outcome.is_ok() && tally.clean() {
+        ExitCode::SUCCESS
+    } else {
+        println!("soak: FAILED (seed {seed})");
+        ExitCode::FAILURE
+    }
+}
+
+/// Whether a step is in flight: an instance is starting or draining.
+fn mid_step(rig: &Rig) -> bool {
+    rig.rollout()["services"].as_array().is_some_and(|s| s.iter().any(|s| s["starting"] != 0 || s["draining"] != 0))
+}
+
+fn soak(rollouts: u32, kills: u32, seed: u64, t: &mut Tally) {
+    let mut rng = Rng(seed);
+    let mut rig = rig();
+    let gw = Gateway::start(
+        rig.nodes[0].cgroup.path(),
+        "soak-vip",
+        "127.180.7.1:8081",
+        &Upstream::PerRequest(vec![rig.vip.clone()]),
+    );
+    let per_rollout = kills.div_ceil(rollouts);
+    let mut left = kills;
+    for round in 0..rollouts {
+        let strategy = STRATEGIES[round as usize % STRATEGIES.len()];
+        let version = format!("v{}", round + 2);
+        let what = format!("rollout {round} {strategy:?} → {version}");
+        let stop = rig.dir.join("stop");
+        let loops = rig.load(&stop);
+        let mark = gw.log_mark();
+        let wrk = Wrk::start(&gw.url(), MAX_LOAD_SECS);
+        std::thread::sleep(Duration::from_millis(300));
+        rig.push_async(&version, strategy);
+        t.rollouts += 1;
+        for _ in 0..per_rollout.min(left) {
+            left -= 1;
+            // Most kills land mid-step: wait (bounded) for a start or a drain.
+            let until = Instant::now() + Duration::from_millis(rng.between(50, 1500));
+            while Instant::now() < until && !mid_step(&rig) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let busy = mid_step(&rig);
+            let down = Duration::from_millis(rng.between(20, 300));
+            let who = match rng.between(0, 3) {
+                0 => {
+                    rig.coord.kill();
+                    std::thread::sleep(down);
+                    rig.coord.restart();
+                    t.coordinator += 1;
+                    "the coordinator".to_owned()
+                }
+                2 if kill_starting_instance(&rig, &mut rng).is_some() => {
+                    t.instance += 1;
+                    "a starting instance".to_owned()
+                }
+                _ => {
+                    let i = rng.between(0, rig.nodes.len() as u64) as usize;
+                    let node = &mut rig.nodes[i];
+                    node.kill_agent();
+                    std::thread::sleep(down);
+                    node.spawn_agent();
+                    t.agent += 1;
+                    format!("the agent of {}", node.name)
+                }
+            };
+            t.kills += 1;
+            t.mid_step += u32::from(busy);
+            println!("{what}: SIGKILL {who}{}", if busy { " (mid-step)" } else { "" });
+        }
+        let r = rig.wait_state(&["done", "failed", "rolled-back"]);
+        rig.coord.wait_synced(3);
+        std::thread::sleep(Duration::from_millis(300));
+        let wrk = wrk.stop();
+        let probes = finish(loops, &stop);
+        let nginx = gw.errors_since(mark);
+        let lost = wrk.failed() + nginx.len() as u64 + probes.iter().map(|s| s.failed).sum::<u64>();
+        for line in nginx.iter().take(5) {
+            println!("{what}: nginx: {line}");
+        }
+        t.failed += lost;
+
+        let serving = instances(&rig.coord);
+        let listed: BTreeSet<String> =
+            serving.iter().filter_map(|i| i["address"].as_str().map(str::to_owned)).collect();
+        let at_target = serving.iter().all(|i| i["version"] == version.as_str()) && listed.len() == 6;
+        if r["state"] == "done" && at_target {
+            t.targets += 1;
+        } else {
+            println!("{what}: target not reached: state {}, serving {serving:?}", r["state"]);
+        }
+        t.doubled += serving.len().saturating_sub(listed.len()) as u64 + listed.len().saturating_sub(6) as u64;
+        // Instances stopped at the end of the rollout may take a moment to exit.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut running = pids(POOL);
+        while running.keys().any(|a| !listed.contains(a)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            running = pids(POOL);
+        }
+        let orphans: Vec<&String> = running.keys().filter(|a| !listed.contains(*a)).collect();
+        if !orphans.is_empty() {
+            println!("{what}: orphaned instances (running, not serving in the registry): {orphans:?}");
+        }
+        t.orphaned += orphans.len() as u64;
+        println!(
+            "{what}: {}; wrk {} requests at {:.0}/s, {} failed; probes {} failed; nginx {} errors",
+            r["state"],
+            wrk.requests,
+            wrk.rate(),
+            wrk.failed(),
+            probes.iter().map(|s| s.failed).sum::<u64>(),
+            nginx.len()
+        );
+        if !t.clean() {
+            // Later rollouts would start from a broken state: stop here with the seed.
+            return;
+        }
+    }
+}
+
+/// A coordinator and three nodes running web v1, 2 instances per node. The instances
+/// are slow to boot and their accept queue overflows under load: kills land while
+/// instances start, and handshakes are in flight when instances drain.
+fn rig() -> Rig {
+    let coord = Coordinator::start("soak", COORDINATOR);
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let mut n = Node::new(&format!("soak{i}"));
+            let workload = n.cgroup.path().join("workload");
+            let state = n.dir.join("state");
+            n.agent_args(&[
+                "--workload-cgroup",
+                workload.to_str().expect("utf-8"),
+                "--instance-addresses",
+                &format!("{POOL}{i}.0/24"),
+                "--state-dir",
+                state.to_str().expect("utf-8"),
+            ]);
+            n.follow(&coord.url);
+            n.spawn_agent();
+            n
+        })
+        .collect();
+    coord.wait_synced(3);
+    let dir = nodes[0].dir.clone();
+    let svc_flags = ["--boot-ms", "150", "--backlog", "5"].map(str::to_owned).to_vec();
+    let rig = Rig { coord, nodes, dir, vip: VIP.to_owned(), svc_flags };
+    let out = rig.push("v1", &[], &["--strategy", "straight"]);
+    assert!(out.status.success(), "first deploy: {}", String::from_utf8_lossy(&out.stderr));
+    rig
+}
+
+/// SIGKILLs one instance that is still starting (running, not registered yet), if any.
+fn kill_starting_instance(rig: &Rig, rng: &mut Rng) -> Option<String> {
+    let registered: BTreeSet<String> = rig.coord.json(&["registry", "list", "-o", "json"])["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .filter_map(|i| i["address"].as_str().map(str::to_owned))
+        .collect();
+    let starting: Vec<(String, String)> = pids(POOL).into_iter().filter(|(a, _)| !registered.contains(a)).collect();
+    if starting.is_empty() {
+        return None;
+    }
+    let (addr, pid) = &starting[rng.between(0, starting.len() as u64) as usize];
+    let pid: libc::pid_t = pid.parse().ok()?;
+    // SAFETY: kill(2) on a pid just listed as an instance of this soak's pool.
+    (unsafe { libc::kill(pid, libc::SIGKILL) } == 0).then(|| addr.clone())
+}
