@@ -1,5 +1,6 @@
 //! `hitless demo` end to end, without the display: the hitless way loses no request
-//! while the conventional way loses some, stale caches are steered, and a second run
+//! while the conventional way loses some (and a wait long enough for every cache loses
+//! none but takes longer), stale caches are steered, and a second run
 //! right after the first works because the first left nothing behind. Run as root.
 
 use std::path::Path;
@@ -50,6 +51,11 @@ fn the_demo_loses_nothing_the_hitless_way_shows_the_conventional_losses_and_clea
             "run {run}: stale caches dialled stopped instances the conventional way: {r}"
         );
         assert!(h["extra_instances"].as_u64().unwrap_or(99) <= 2, "run {run}: surge bounded: {r}");
+        // Waiting for every cache to refresh is safe too, and far slower than hitless.
+        let safe = &r["conventional_safe"];
+        assert_eq!(safe["failed"], 0, "run {run}: a wait longer than the cache refresh loses nothing: {r}");
+        let (hs, ss) = (h["rollout_s"].as_f64().unwrap_or(f64::MAX), safe["rollout_s"].as_f64().unwrap_or(0.0));
+        assert!(ss > hs, "run {run}: the safe wait takes longer than hitless ({ss} s vs {hs} s): {r}");
         assert_eq!(left_behind(), Vec::<String>::new(), "run {run} left these behind");
     }
 }

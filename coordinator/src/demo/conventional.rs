@@ -22,20 +22,27 @@ struct Instance {
 }
 
 /// The simulated nodes of the conventional run and the instances on them.
-pub struct Fleet<'a> {
-    demo: &'a Demo,
+pub struct Fleet {
     /// Node cgroups: clients run here, instances in `workload` below.
     pub nodes: Vec<Cgroup>,
     instances: Vec<(usize, Instance)>,
     next_host: u32,
+    /// The second octet of the instances' addresses (127.NET.node.host).
+    net: u8,
+    /// Wait between deregistering an instance and its SIGTERM.
+    wait: Duration,
+    /// The registry as its clients fetch it.
+    view: std::path::PathBuf,
 }
 
-impl<'a> Fleet<'a> {
-    /// Creates the nodes and starts `version` on each, registered once healthy.
-    pub fn start(demo: &'a Demo, version: &str) -> anyhow::Result<Self> {
-        let mut fleet = Self { demo, nodes: Vec::new(), instances: Vec::new(), next_host: 1 };
+impl Fleet {
+    /// Creates the nodes (cgroups `{prefix}{i}`) and starts `version` on each, registered
+    /// once healthy, on addresses 127.`net`.node.host. `wait` is the script's fixed wait.
+    pub fn start(demo: &Demo, version: &str, prefix: &str, net: u8, wait: Duration) -> anyhow::Result<Self> {
+        let view = demo.dir.join(format!("view-{prefix}"));
+        let mut fleet = Self { nodes: Vec::new(), instances: Vec::new(), next_host: 1, net, wait, view };
         for i in 0..demo.args.nodes {
-            fleet.nodes.push(Cgroup::create(demo.cgroup_root.join(format!("plain-node{i}")))?);
+            fleet.nodes.push(Cgroup::create(demo.cgroup_root.join(format!("{prefix}{i}")))?);
         }
         for _ in 0..demo.args.instances {
             for node in 0..fleet.nodes.len() {
@@ -48,7 +55,7 @@ impl<'a> Fleet<'a> {
     }
 
     fn launch(&mut self, node: usize, version: &str) -> anyhow::Result<Instance> {
-        let addr: SocketAddr = format!("127.172.{node}.{}:8080", self.next_host).parse()?;
+        let addr: SocketAddr = format!("127.{}.{node}.{}:8080", self.net, self.next_host).parse()?;
         self.next_host += 1;
         let svc = host::sibling("hitless-testsvc")?;
         let cg = self.nodes[node].path().join("workload");
@@ -73,12 +80,12 @@ impl<'a> Fleet<'a> {
     /// Writes the registry as clients fetch it: every registered instance.
     fn publish(&self) -> anyhow::Result<()> {
         let addrs: Vec<String> = self.instances.iter().map(|(_, i)| i.addr.to_string()).collect();
-        super::publish(&self.demo.dir.join("view-conventional"), &addrs)
+        super::publish(&self.view, &addrs)
     }
 
     /// Replaces every instance by one of `version`, one at a time (one extra instance
-    /// at most): start and register the new one, deregister the old one, wait
-    /// `--fixed-wait`, SIGTERM it. Returns when each old instance was deregistered.
+    /// at most): start and register the new one, deregister the old one, wait the
+    /// fleet's fixed wait, SIGTERM it. Returns when each old instance was deregistered.
     pub fn roll(&mut self, version: &str, mut progress: impl FnMut(&str)) -> anyhow::Result<BTreeMap<String, u64>> {
         let mut drains = BTreeMap::new();
         for _ in 0..self.instances.len() {
@@ -91,17 +98,17 @@ impl<'a> Fleet<'a> {
             self.publish()?;
             drains.insert(format!("{} {}", gone.version, gone.addr), now_ms());
             progress(&format!(
-                "{SERVICE}: started {new_addr}, deregistered {}, waiting {} before SIGTERM",
-                gone.addr, self.demo.args.fixed_wait
+                "{SERVICE}: started {new_addr}, deregistered {}, waiting {:.1?} before SIGTERM",
+                gone.addr, self.wait
             ));
-            host::pause(self.demo.args.fixed_wait.to_std())?;
+            host::pause(self.wait)?;
             gone.proc.stop(Duration::from_secs(10));
         }
         Ok(drains)
     }
 }
 
-impl Drop for Fleet<'_> {
+impl Drop for Fleet {
     fn drop(&mut self) {
         self.instances.clear();
         self.nodes.clear();

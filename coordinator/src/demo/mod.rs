@@ -56,6 +56,10 @@ pub struct DemoArgs {
     /// Conventional way: wait between deregistering an instance and its SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     fixed_wait: Span,
+    /// Conventional way, safe: the wait that lets every cache refresh first (default: the
+    /// cache refresh plus 1s). This run loses nothing too, and shows what it costs in time.
+    #[arg(long, value_name = "DURATION")]
+    safe_wait: Option<Span>,
     /// Load before each rollout starts.
     #[arg(long, value_name = "DURATION", default_value = "2s")]
     warmup: Span,
@@ -206,12 +210,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<bool> {
     ));
 
     let hitless = hitless_way(&demo, &rt)?;
-    let conventional = conventional_way(&demo)?;
+    let conventional = conventional_way(&demo, "plain-node", 172, demo.args.fixed_wait.to_std())?;
+    let safe_wait =
+        demo.args.safe_wait.map_or(demo.args.cache_refresh.to_std() + Duration::from_secs(1), |w| w.to_std());
+    let safe = conventional_way(&demo, "safe-node", 173, safe_wait)?;
     let lost = hitless.failed > 0;
     if demo.json() {
-        println!("{}", serde_json::json!({ "hitless": hitless, "conventional": conventional }));
+        println!(
+            "{}",
+            serde_json::json!({ "hitless": hitless, "conventional": conventional, "conventional_safe": safe })
+        );
     } else {
-        print_table(&hitless, &conventional, &demo);
+        print_table(&[("hitless", &hitless), ("conventional", &conventional), ("safe wait", &safe)], &demo);
     }
     demo.ok.store(!lost, Ordering::SeqCst);
     Ok(!lost)
@@ -268,19 +278,20 @@ fn hitless_way(demo: &Demo, rt: &tokio::runtime::Runtime) -> anyhow::Result<Obse
     Ok(observed)
 }
 
-fn conventional_way(demo: &Demo) -> anyhow::Result<Observed> {
+/// The conventional way on fresh nodes (cgroups `{prefix}{i}`, addresses 127.`net`.x.y):
+/// deregister, wait `wait`, SIGTERM.
+fn conventional_way(demo: &Demo, prefix: &str, net: u8, wait: Duration) -> anyhow::Result<Observed> {
     demo.say(&format!(
-        "\n== the conventional way: deregister, wait {}, SIGTERM (no hitless on these nodes) ==",
-        demo.args.fixed_wait
+        "\n== the conventional way: deregister, wait {wait:.1?}, SIGTERM (no hitless on these nodes) =="
     ));
-    let mut fleet = conventional::Fleet::start(demo, "v1")?;
+    let mut fleet = conventional::Fleet::start(demo, "v1", prefix, net, wait)?;
     demo.say(&format!("  started v1: {} instances", demo.desired()));
-    let view = demo.dir.join("view-conventional");
+    let view = demo.dir.join(format!("view-{prefix}"));
     let nodes: Vec<&host::Cgroup> = fleet.nodes.iter().collect();
     let load = Load::start(&host::sibling("hitless")?, &nodes, &demo.clients(&view, false))?;
     host::pause(demo.args.warmup.to_std())?;
     demo.say("  rolling v1 → v2, one instance at a time (one extra instance):");
-    let peak = Peak::start(&demo.cgroup_root, "plain-node");
+    let peak = Peak::start(&demo.cgroup_root, prefix);
     let started = Instant::now();
     let drains = fleet.roll("v2", |line| {
         let t = load.tally();
@@ -376,37 +387,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn print_table(h: &Observed, c: &Observed, demo: &Demo) {
+fn print_table(ways: &[(&str, &Observed)], demo: &Demo) {
     let secs = |s: f64| format!("{s:.1} s");
     let ms = |s: f64| if s < 1.0 { format!("{:.0} ms", s * 1000.0) } else { format!("{s:.1} s") };
-    let rows = [
-        ("requests sent", h.requests.to_string(), c.requests.to_string()),
-        ("requests failed", h.failed.to_string(), c.failed.to_string()),
-        ("rollout time", secs(h.rollout_s), secs(c.rollout_s)),
-        (
-            "new connections to a draining instance, for",
-            ms(h.draining_new_connections_s),
-            ms(c.draining_new_connections_s),
-        ),
-        ("extra instances used", h.extra_instances.to_string(), c.extra_instances.to_string()),
-        ("stale-cache requests served by a sibling", h.steered.to_string(), c.steered.to_string()),
+    let rows: [(&str, &dyn Fn(&Observed) -> String); 6] = [
+        ("requests sent", &|o| o.requests.to_string()),
+        ("requests failed", &|o| o.failed.to_string()),
+        ("rollout time", &|o| secs(o.rollout_s)),
+        ("new connections to a draining instance, for", &|o| ms(o.draining_new_connections_s)),
+        ("extra instances used", &|o| o.extra_instances.to_string()),
+        ("stale-cache requests served by a sibling", &|o| o.steered.to_string()),
     ];
     println!();
-    println!("| {:<44} | {:>12} | {:>12} |", "", "hitless", "conventional");
-    println!("|{}|{}|{}|", "-".repeat(46), "-".repeat(14), "-".repeat(14));
-    for (what, a, b) in rows {
-        println!("| {what:<44} | {a:>12} | {b:>12} |");
+    let head: String = ways.iter().map(|(name, _)| format!(" {name:>12} |")).collect();
+    let rule: String = ways.iter().map(|_| format!("{}|", "-".repeat(14))).collect();
+    println!("| {:<44} |{head}", "");
+    println!("|{}|{rule}", "-".repeat(46));
+    for (what, cell) in rows {
+        let cells: String = ways.iter().map(|(_, o)| format!(" {:>12} |", cell(o))).collect();
+        println!("| {what:<44} |{cells}");
     }
-    if !c.errors.is_empty() {
-        let kinds: Vec<String> = c.errors.iter().map(|(k, v)| format!("{v} {k}")).collect();
-        println!("\nconventional failures: {}", kinds.join(", "));
+    for (name, o) in &ways[1..] {
+        if !o.errors.is_empty() {
+            let kinds: Vec<String> = o.errors.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            println!("\n{name} failures: {}", kinds.join(", "));
+        }
     }
+    let h = ways[0].1;
     if h.failed > 0 {
         let kinds: Vec<String> = h.errors.iter().map(|(k, v)| format!("{v} {k}")).collect();
         println!("\nhitless LOST REQUESTS: {} — this is a bug; logs in {}", kinds.join(", "), demo.dir.display());
     }
     println!(
-        "\nThe conventional way sends stale clients to instances it already stopped until their cache refreshes\n(every {}); hitless steers those connects to a serving instance inside connect(), on every node.",
+        "\nThe conventional way sends stale clients to instances it already stopped until their cache refreshes\n(every {}); waiting long enough for every cache to refresh loses nothing but takes far longer.\nhitless steers those connects to a serving instance inside connect(), on every node, and stops each\ninstance as soon as its connections are done.",
         demo.args.cache_refresh
     );
 }
