@@ -387,10 +387,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How one row of the table renders one way's figures.
+type Cell<'a> = &'a dyn Fn(&Observed) -> String;
+
 fn print_table(ways: &[(&str, &Observed)], demo: &Demo) {
     let secs = |s: f64| format!("{s:.1} s");
     let ms = |s: f64| if s < 1.0 { format!("{:.0} ms", s * 1000.0) } else { format!("{s:.1} s") };
-    let rows: [(&str, &dyn Fn(&Observed) -> String); 6] = [
+    let rows: [(&str, Cell); 6] = [
         ("requests sent", &|o| o.requests.to_string()),
         ("requests failed", &|o| o.failed.to_string()),
         ("rollout time", &|o| secs(o.rollout_s)),
