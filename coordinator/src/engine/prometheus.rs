@@ -1,11 +1,15 @@
 //! Analysis gates evaluated by a Prometheus server instead of the agents' summaries:
 //! an instant query of the HTTP API (`/api/v1/query`) over the gate's window, on the
 //! metrics every agent exports (`hitless_backend_*_total`, labelled by service and
-//! version). Plain `http://` only: Prometheus usually sits next to the coordinator.
+//! version). Plain `http://` only: Prometheus usually sits next to the coordinator. The
+//! requests go through hyper's client (already in the tree through tonic).
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 
 /// A Prometheus server's base URL, checked when the coordinator starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +42,11 @@ pub enum QueryError {
 
 impl std::fmt::Display for PromUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}:{}{}", self.host, self.port, self.prefix)
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}{}", self.host, self.port, self.prefix)
+        } else {
+            write!(f, "http://{}:{}{}", self.host, self.port, self.prefix)
+        }
     }
 }
 
@@ -53,20 +61,29 @@ impl std::str::FromStr for PromUrl {
         })?;
         let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("{s:?}: the port {p:?} is not a number"))?),
-            None => (authority, 80),
+            Some((h, p)) if !h.ends_with(':') && !p.ends_with(']') => {
+                (h, p.parse::<u16>().map_err(|_| format!("{s:?}: the port {p:?} is not a number"))?)
+            }
+            _ => (authority, 80),
         };
+        let host = host.trim_matches(['[', ']']);
         if host.is_empty() {
             return Err(format!("{s:?}: the host is missing; give a URL such as http://127.0.0.1:9090"));
         }
         let prefix = path.trim_end_matches('/');
         let prefix = if prefix.is_empty() { String::new() } else { format!("/{prefix}") };
-        Ok(Self { host: host.trim_matches(['[', ']']).to_owned(), port, prefix })
+        let url = Self { host: host.to_owned(), port, prefix };
+        // The same URL must make a valid request URI (no spaces, no stray characters).
+        url.uri("up", 0.0)
+            .map_err(|e| format!("{s:?}: not a usable URL ({e}); give one such as http://127.0.0.1:9090"))?;
+        Ok(url)
     }
 }
 
 /// How long one query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest answer read: a gate's queries are sums, a few hundred bytes.
+const MAX_ANSWER: usize = 1 << 20;
 
 impl PromUrl {
     /// Runs an instant query evaluated at `at` and returns the sum of the result vector
@@ -77,7 +94,7 @@ impl PromUrl {
         let body = tokio::time::timeout(QUERY_TIMEOUT, self.get(promql, at))
             .await
             .map_err(|_| unreachable(format!("no answer within {QUERY_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(unreachable)?;
         let bad = |what: String| QueryError::BadAnswer { url: self.to_string(), what };
         let v: serde_json::Value = serde_json::from_str(&body).map_err(|_| bad(format!("{body:.200}")))?;
         if v["status"] != "success" {
@@ -92,28 +109,30 @@ impl PromUrl {
         })
     }
 
-    /// `GET /api/v1/query` over HTTP/1.0 (the server then neither keeps the connection
-    /// nor chunks the body); returns the body of a 200 answer.
-    async fn get(&self, promql: &str, at: f64) -> std::io::Result<String> {
-        let mut stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-        let request = format!(
-            "GET {}/api/v1/query?query={}&time={at:.3} HTTP/1.0\r\nHost: {}:{}\r\nAccept: application/json\r\n\r\n",
-            self.prefix,
-            encode(promql),
-            self.host,
-            self.port
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await?;
-        let text = String::from_utf8_lossy(&answer);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.lines().next().unwrap_or_default();
-        // 400 and 422 carry the query error in a JSON body: return it for the caller to read.
-        if status.contains(" 200 ") || status.contains(" 400 ") || status.contains(" 422 ") {
-            Ok(body.to_owned())
-        } else {
-            Err(std::io::Error::other(format!("HTTP answer {status:?}")))
+    /// The request URI of an instant query.
+    fn uri(&self, promql: &str, at: f64) -> Result<http::Uri, http::uri::InvalidUri> {
+        format!("{self}/api/v1/query?query={}&time={at:.3}", encode(promql)).parse()
+    }
+
+    /// `GET /api/v1/query`; returns the body of a 200 answer, and of a 400 or 422, which
+    /// carry the query's error in JSON for the caller to read.
+    async fn get(&self, promql: &str, at: f64) -> Result<String, String> {
+        let uri = self.uri(promql, at).map_err(|e| e.to_string())?;
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let request = http::Request::get(uri)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let answer = client.request(request).await.map_err(|e| e.to_string())?;
+        let status = answer.status();
+        let body = Limited::new(answer.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        match status.as_u16() {
+            200 | 400 | 422 => Ok(String::from_utf8_lossy(&body).into_owned()),
+            _ => Err(format!("HTTP answer {status}")),
         }
     }
 }
@@ -166,6 +185,10 @@ mod tests {
         assert!(e.contains("port"), "{e}");
         let e = "127.0.0.1:9090".parse::<PromUrl>().expect_err("scheme");
         assert!(e.contains("http://127.0.0.1:9090"), "{e}");
+        let u: PromUrl = "http://[::1]:9090".parse().expect("IPv6");
+        assert_eq!(u.to_string(), "http://[::1]:9090");
+        let e = "http://prom:9090/a b".parse::<PromUrl>().expect_err("space");
+        assert!(e.contains("not a usable URL"), "{e}");
     }
 
     #[test]
