@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::abi::{self, Endpoint};
-use crate::desired::DesiredService;
+use crate::desired::{DesiredBackend, DesiredService};
 use crate::writer::Maps;
 
 /// Consecutive failed connects that isolate a backend.
@@ -55,6 +55,14 @@ impl Outliers {
     pub fn observe(&mut self, maps: &Maps, desired: &[DesiredService], now: Instant) -> bool {
         let mut changed = false;
         for s in desired {
+            // Backends of the service that take traffic on this node: never isolate the
+            // last one (the overlay would keep it in the table anyway, and the log and
+            // metrics would say otherwise).
+            let mut taking = s
+                .backends
+                .iter()
+                .filter(|b| takes(b) && self.tracks.get(&b.ep).is_none_or(|t| t.until.is_none()))
+                .count();
             for b in s.backends.iter().filter(|b| b.ep.proto == abi::PROTO_TCP && b.state == abi::STATE_SERVING) {
                 let Some(st) = maps.backend_stats(&b.ep) else { continue };
                 let primed = self.primed;
@@ -74,10 +82,12 @@ impl Outliers {
                     t.until = None;
                     t.consecutive = 0;
                     changed = true;
+                    taking += usize::from(takes(b));
                     info!(service = %s.name, backend = %b.ep.socket_addr(), "outlier period over: backend gets traffic again");
                 }
-                if t.until.is_none() && t.consecutive >= self.threshold {
+                if t.until.is_none() && t.consecutive >= self.threshold && !(takes(b) && taking <= 1) {
                     t.until = Some(now + self.period);
+                    taking -= usize::from(takes(b));
                     t.isolations += 1;
                     changed = true;
                     warn!(
@@ -112,7 +122,6 @@ impl Outliers {
             .iter()
             .map(|s| {
                 let mut s = s.clone();
-                let takes = |b: &crate::desired::DesiredBackend| b.state == abi::STATE_SERVING && b.weight > 0;
                 let healthy = s.backends.iter().filter(|b| takes(b) && !isolated.contains(&b.ep)).count();
                 if healthy > 0 {
                     for b in s.backends.iter_mut().filter(|b| isolated.contains(&b.ep)) {
@@ -123,4 +132,9 @@ impl Outliers {
             })
             .collect()
     }
+}
+
+/// Whether the backend takes traffic when not isolated: serving, with slots.
+fn takes(b: &DesiredBackend) -> bool {
+    b.state == abi::STATE_SERVING && b.weight > 0
 }

@@ -44,12 +44,31 @@ fn a_refusing_backend_is_isolated_on_the_node_then_returns_and_never_the_last_on
         assert_eq!(s.errors.get("ConnectionRefused"), Some(&10), "{s:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        !node.log().contains(&format!("backend={alone}")),
-        "the only backend of solo was isolated:\n{}",
-        node.log()
-    );
-    assert!(node.log().contains("isolated on this node"), "{}", node.log());
+    // The agent's text log is coloured (ANSI escapes between a field's name, `=` and
+    // its value): match on the log without them, or `backend=` never matches.
+    let log = plain(&node.log());
+    assert!(log.contains(&format!("backend={bad}")), "the check below must be able to match:\n{log}");
+    assert!(!log.contains(&format!("backend={alone}")), "the only backend of solo was isolated:\n{log}");
+    assert!(log.contains("isolated on this node"), "{log}");
+}
+
+/// `text` without ANSI escape sequences (ESC `[` ... final byte).
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[test]
@@ -80,7 +99,7 @@ fn coordinator_mode_isolates_per_node_too() {
     assert!(first.failed >= 2, "{first:?}");
     std::thread::sleep(Duration::from_millis(300));
     let s = connects(Some(&a.cgroup), "127.77.81.1:8080", 200);
-    assert_eq!((s.ok, s.failed), (200, 0), "isolated on node a: {s:?}");
+    assert_eq!((s.ok, s.failed), (200, 0), "isolated on node a: {s:?}\n{}", plain(&a.log()));
     let other = connects(Some(&b.cgroup), "127.77.81.1:8080", 200);
     assert!(other.failed > 0, "node b has not isolated it (per-node decision): {other:?}");
 }
