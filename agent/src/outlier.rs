@@ -32,9 +32,9 @@ pub struct Outliers {
     threshold: u64,
     period: Duration,
     tracks: BTreeMap<Endpoint, Track>,
-    /// Whether the first look happened: counters seen then are history (an agent
-    /// restart must not isolate for old failures); a backend first seen later starts
-    /// from zero, so its first failures count.
+    /// Whether the first look happened. Only for maps no [`crate::writer::Writer`]
+    /// took (see [`Maps::stats_at_start`]): counters seen at the first look are then
+    /// history; a backend first seen later starts from zero.
     primed: bool,
 }
 
@@ -65,13 +65,20 @@ impl Outliers {
                 .count();
             for b in s.backends.iter().filter(|b| b.ep.proto == abi::PROTO_TCP && b.state == abi::STATE_SERVING) {
                 let Some(st) = maps.backend_stats(&b.ep) else { continue };
-                let primed = self.primed;
-                let t = self.tracks.entry(b.ep).or_insert_with(|| {
-                    if primed {
-                        Track::default()
-                    } else {
-                        Track { connects: st.connects, failed: st.failed, ..Track::default() }
-                    }
+                // Where the backend's run of failures starts counting: from the counters
+                // the agent found when it started (a backend dialled only since then
+                // starts from zero). Without them (maps no writer took), from the first
+                // look, as before; that look can come after the agent's first apply, and
+                // failures in between were lost (issue 12).
+                let start = match maps.stats_at_start() {
+                    Some(at_start) => at_start.get(&b.ep).copied().unwrap_or_default(),
+                    None if self.primed => (0, 0),
+                    None => (st.connects, st.failed),
+                };
+                let t = self.tracks.entry(b.ep).or_insert_with(|| Track {
+                    connects: start.0,
+                    failed: start.1,
+                    ..Track::default()
                 });
                 let (dc, df) = (st.connects.saturating_sub(t.connects), st.failed.saturating_sub(t.failed));
                 t.connects = st.connects;

@@ -122,6 +122,9 @@ pub struct Maps {
     meta: Array<MapData, Meta>,
     backend_stats: PerCpuHashMap<MapData, Endpoint, BackendStats>,
     capacity: Capacity,
+    /// Per-backend (connects, failed) when the agent's writer opened the maps: what
+    /// happened before this agent ran (see [`Maps::stats_at_start`]).
+    at_start: Option<BTreeMap<Endpoint, (u64, u64)>>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<(Map, usize), WriteError> {
@@ -172,7 +175,27 @@ impl Maps {
                 backends: backends_cap.min(addr_cap),
                 slots: slots_cap,
             },
+            at_start: None,
         })
+    }
+
+    /// Per-backend (connects, failed) as they were when [`Writer::new`] took these maps,
+    /// i.e. before the agent's first apply; `None` for maps no writer took. Failures
+    /// counted since then happened while this agent ran; the ones before are history
+    /// (an agent restart must not isolate a backend for them).
+    pub fn stats_at_start(&self) -> Option<&BTreeMap<Endpoint, (u64, u64)>> {
+        self.at_start.as_ref()
+    }
+
+    /// Per-backend (connects, failed) of every backend this node's clients dialled.
+    fn all_backend_stats(&self) -> BTreeMap<Endpoint, (u64, u64)> {
+        let mut all = BTreeMap::new();
+        for ep in self.backend_stats.keys().filter_map(Result::ok) {
+            if let Some(st) = self.backend_stats(&ep) {
+                all.insert(ep, (st.connects, st.failed));
+            }
+        }
+        all
     }
 
     /// What the maps hold.
@@ -287,7 +310,8 @@ fn kernel(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> Write
 
 impl Writer {
     /// Reads what the pinned maps hold, so that the next apply changes only what differs.
-    pub fn new(maps: Maps) -> Result<Self, WriteError> {
+    pub fn new(mut maps: Maps) -> Result<Self, WriteError> {
+        maps.at_start = Some(maps.all_backend_stats());
         let mut services = BTreeMap::new();
         for item in maps.services.iter() {
             let (id, value) = item.map_err(kernel("iterate", names::SERVICES))?;

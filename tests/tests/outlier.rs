@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use hitless_agent::outlier::Outliers;
+use hitless_agent::writer::{Maps, Writer};
 use hitless_tests::{connects, serve, Node};
 
 #[test]
@@ -102,4 +104,50 @@ fn coordinator_mode_isolates_per_node_too() {
     assert_eq!((s.ok, s.failed), (200, 0), "isolated on node a: {s:?}\n{}", plain(&a.log()));
     let other = connects(Some(&b.cgroup), "127.77.81.1:8080", 200);
     assert!(other.failed > 0, "node b has not isolated it (per-node decision): {other:?}");
+}
+
+/// Issue 12: a coordinator session looks at the counters every 50 ms, the first time
+/// after its first apply. Failed connects between that apply and that look were taken
+/// for history, so the dead backend was never isolated and node a refused about half
+/// of its VIP connects (95 of 200 in the flake). This drives the agent's own writer and
+/// detector in that order, deterministically.
+#[test]
+fn failures_between_the_first_apply_and_the_first_look_count() {
+    let mut node = Node::new("outlier-first");
+    let good = "127.137.2.1:8080";
+    let bad = "127.137.2.2:8080";
+    let vip = "127.77.82.1:8080";
+    let _srv = serve(None, &[good], &[]);
+    let text = format!(
+        "services:\n  - name: cart\n    vips: [\"{vip}\"]\n    backends: [{{ address: \"{good}\" }}, {{ address: \"{bad}\" }}]\n"
+    );
+    node.write_registry(&text);
+    node.start_agent();
+    // From here on this process is the node's agent: its writer and its detector.
+    node.kill_agent();
+    let wanted =
+        hitless_agent::desired::from_registry(&hitless_agent::registry::Registry::parse(&text).expect("registry"));
+
+    // Failures before the agent started are history.
+    let old = connects(Some(&node.cgroup), vip, 20);
+    assert!(old.failed >= 2, "{old:?}");
+    let mut writer = Writer::new(Maps::open(&node.pin_dir).expect("maps")).expect("writer");
+    let mut outliers = Outliers::new(2, Duration::from_secs(30));
+    let revision = writer.maps().revision().expect("revision") + 1;
+    writer.apply(&outliers.overlay(&wanted), revision).expect("first apply");
+    // The agent's clients fail right after its first apply, before its first look.
+    let first = connects(Some(&node.cgroup), vip, 20);
+    assert!(first.failed >= 2, "{first:?}");
+    assert!(outliers.observe(writer.maps(), &wanted, Instant::now()), "failures after the first apply were ignored");
+    let bad_ep = hitless_agent::abi::Endpoint::new(bad.parse().expect("addr"), hitless_agent::abi::PROTO_TCP);
+    assert_eq!(outliers.isolated().into_iter().collect::<Vec<_>>(), vec![bad_ep]);
+    writer.apply(&outliers.overlay(&wanted), revision).expect("isolating apply");
+    let s = connects(Some(&node.cgroup), vip, 200);
+    assert_eq!((s.ok, s.failed), (200, 0), "{s:?}");
+
+    // A restarted agent does not isolate for what it did not see.
+    let writer = Writer::new(Maps::open(&node.pin_dir).expect("maps")).expect("writer");
+    let mut restarted = Outliers::new(2, Duration::from_secs(30));
+    assert!(!restarted.observe(writer.maps(), &wanted, Instant::now()));
+    assert!(restarted.isolated().is_empty());
 }
