@@ -71,6 +71,20 @@ pub enum LoadError {
         "{0} is not a cgroup v2 directory (no cgroup.procs); pass --cgroup with a directory under the cgroup2 mount"
     )]
     NotCgroup(PathBuf),
+    /// The node's datapath is attached to another cgroup than the one asked for.
+    #[error(
+        "the datapath pinned in {pin_dir} is attached to cgroup {attached} (link {link}), not to --cgroup {wanted}; nothing was changed. To move it, stop the agent, run `hitless-agent detach --node NAME` (connects go unsteered until the next start), then start the agent with the new --cgroup; or start it with --cgroup {attached}"
+    )]
+    OtherCgroup {
+        /// The node's pin directory.
+        pin_dir: PathBuf,
+        /// The pinned link found attached elsewhere.
+        link: PathBuf,
+        /// Where it is attached (a path when found under the cgroup2 mount, else the id).
+        attached: String,
+        /// The --cgroup asked for.
+        wanted: PathBuf,
+    },
     /// Another process holds the node's lock.
     #[error("another agent is running for pin directory {0}; stop it first (only one agent may write a node's maps)")]
     Locked(PathBuf),
@@ -173,6 +187,8 @@ pub fn load(pin_dir: &Path, cgroup: &Path, caps: Capacities) -> Result<Loaded, L
     let cg =
         File::open(cgroup).map_err(|source| LoadError::Io { what: format!("opening {}", cgroup.display()), source })?;
 
+    refuse_other_cgroup(pin_dir, cgroup)?;
+
     let mut replaced = 0;
     let mut attached = 0;
     // sockops first, and in the steering object the reverse translation before the
@@ -204,6 +220,59 @@ pub fn load(pin_dir: &Path, cgroup: &Path, caps: Capacities) -> Result<Loaded, L
         attached += a;
     }
     Ok(Loaded { pin_dir: pin_dir.to_owned(), reused_maps, replaced, attached, lock })
+}
+
+/// Refuses, before anything changes, when the node's pinned links are attached to
+/// another cgroup than `cgroup`: swapping programs behind them would keep the datapath
+/// where the operator no longer wants it, and never attach it where they do.
+fn refuse_other_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<(), LoadError> {
+    use std::os::unix::fs::MetadataExt;
+    let links = pin_dir.join("links");
+    let Ok(entries) = std::fs::read_dir(&links) else { return Ok(()) };
+    let wanted = std::fs::metadata(cgroup)
+        .map_err(|source| LoadError::Io { what: format!("reading {}", cgroup.display()), source })?
+        .ino();
+    for link in entries.flatten().map(|e| e.path()) {
+        let io = |what: &str| {
+            let what = format!("{what} {}", link.display());
+            move |source| LoadError::Io { what, source }
+        };
+        let fd = sys::obj_get(&link).map_err(io("opening pinned link"))?;
+        match sys::link_cgroup_id(fd.as_fd()).map_err(io("reading the cgroup of"))? {
+            Some(id) if id != wanted => {
+                let attached = cgroup_path(id).map_or_else(|| format!("id {id}"), |p| p.display().to_string());
+                return Err(LoadError::OtherCgroup {
+                    pin_dir: pin_dir.to_owned(),
+                    link,
+                    attached,
+                    wanted: cgroup.to_owned(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The directory of the cgroup with id `id` under the cgroup2 mount (searched up to
+/// 20,000 directories deep-first; `None` when not found).
+fn cgroup_path(id: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut todo = vec![crate::cgroup::v2_mount().ok()?];
+    let mut seen = 0;
+    while let Some(dir) = todo.pop() {
+        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            return Some(dir);
+        }
+        seen += 1;
+        if seen > 20_000 {
+            return None;
+        }
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            todo.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
+    }
+    None
 }
 
 /// Attach order inside the steering object: reverse translation first.

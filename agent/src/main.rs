@@ -114,7 +114,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<BadInput>().is_some() || e.downcast_ref::<static_mode::FileError>().is_some() {
+            let other_cgroup =
+                matches!(e.downcast_ref::<loader::LoadError>(), Some(loader::LoadError::OtherCgroup { .. }));
+            if e.downcast_ref::<BadInput>().is_some()
+                || e.downcast_ref::<static_mode::FileError>().is_some()
+                || other_cgroup
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)

@@ -1,5 +1,5 @@
-//! The two bpf(2) commands aya 0.14 does not expose: opening a pinned link and
-//! swapping the program behind it.
+//! The bpf(2) commands aya 0.14 does not expose: opening a pinned link, swapping the
+//! program behind it, and asking which cgroup it is attached to.
 
 use std::ffi::CString;
 use std::io;
@@ -9,6 +9,17 @@ use std::path::Path;
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+    _pad: [u8; 112],
+}
 
 /// `union bpf_attr` for `BPF_OBJ_GET`.
 #[repr(C)]
@@ -61,6 +72,23 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
         _pad: [0; 112],
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The id of the cgroup a cgroup bpf link is attached to (`struct bpf_link_info`:
+/// type, id, prog_id, then the union, 8-byte aligned, whose cgroup member starts with
+/// `cgroup_id`); `None` for a link of another type. A cgroup's id is the inode number
+/// of its directory on the cgroup2 mount.
+pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    let mut info = [0u64; 16];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+        _pad: [0; 112],
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let link_type = (info[0] & 0xffff_ffff) as u32;
+    Ok((link_type == BPF_LINK_TYPE_CGROUP).then_some(info[2]))
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

@@ -323,7 +323,46 @@ fn a_workload_cgroup_outside_the_attached_one_is_refused_at_start() {
     let outside = node.cgroup.path().with_file_name(format!("{}-workload", node.name));
     node.follow("http://127.0.0.1:1");
     node.agent_args(&["--workload-cgroup", outside.to_str().expect("utf-8"), "--instance-addresses", "127.109.0.0/24"]);
-    let mut agent = node.agent_command().stderr(Stdio::piped()).spawn().expect("agent");
+    let (status, err) = refused(node.agent_command(), "a workload cgroup it cannot see");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--workload-cgroup") && err.contains("is not inside --cgroup"), "{err}");
+    assert!(!node.pin_dir.exists(), "a refused start must not load anything");
+    assert!(!outside.exists(), "a refused start must not create the workload cgroup");
+}
+
+#[test]
+fn restarting_the_agent_with_another_cgroup_is_refused_and_changes_nothing() {
+    let mut node = Node::new("movecg");
+    let b = "127.110.0.1:8080";
+    let _srv = serve(Some(&node.cgroup), &[b], &[]);
+    node.write_registry(&registry(&[service("cart", &["127.77.9.1:8080"], "steer", &[(b, "serving", 100)])]));
+    node.start_agent();
+    node.kill_agent();
+    // The same node, restarted with another --cgroup: its pinned links stay attached
+    // to the first one, so a restart that swapped programs behind them would keep
+    // steering there and never where it is asked to.
+    let other = hitless_tests::Cgroup::new("movecg-other");
+    let mut cmd = std::process::Command::new(hitless_tests::bin("hitless-agent"));
+    cmd.args(["--node", &node.name, "--registry-file"])
+        .arg(node.registry())
+        .arg("--cgroup")
+        .arg(other.path())
+        .arg("--pin-dir")
+        .arg(&node.pin_dir)
+        .stdin(Stdio::null());
+    let (status, err) = refused(cmd, "another cgroup than its pinned links'");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("is attached to cgroup") && err.contains("hitless-agent detach"), "names the fix: {err}");
+    assert!(err.contains(node.cgroup.path().to_str().expect("utf-8")), "names where it is attached: {err}");
+    // Nothing changed: the first cgroup is still steered, the other is not.
+    assert_eq!(connects(Some(&node.cgroup), "127.77.9.1:8080", 20).from(b), 20);
+    assert_eq!(connects(Some(&other), "127.77.9.1:8080", 5).ok, 0, "no datapath in the other cgroup");
+}
+
+/// Runs an agent that must refuse to start: its exit status and stderr. One that keeps
+/// running is killed after 10 s and fails the test (it accepted what it must refuse).
+fn refused(mut cmd: std::process::Command, what: &str) -> (std::process::ExitStatus, String) {
+    let mut agent = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("agent");
     let end = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = agent.try_wait().expect("wait") {
@@ -332,14 +371,11 @@ fn a_workload_cgroup_outside_the_attached_one_is_refused_at_start() {
         if Instant::now() > end {
             let _ = agent.kill();
             let _ = agent.wait();
-            panic!("the agent started with a workload cgroup it cannot see; it must refuse");
+            panic!("the agent started with {what}; it must refuse");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut agent.stderr.take().expect("piped"), &mut err).expect("stderr");
-    assert_eq!(status.code(), Some(2), "{err}");
-    assert!(err.contains("--workload-cgroup") && err.contains("is not inside --cgroup"), "{err}");
-    assert!(!node.pin_dir.exists(), "a refused start must not load anything");
-    assert!(!outside.exists(), "a refused start must not create the workload cgroup");
+    (status, err)
 }
