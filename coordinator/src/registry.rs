@@ -305,7 +305,7 @@ pub fn validate_key(service: &str, address: &str, at: &str) -> Result<Key, Regis
     if !hitless_model::registry::valid_name(service) {
         return Err(invalid(
             format!("{at}.service"),
-            format!("{service:?} is not a valid service name"),
+            format!("{} is not a valid service name", hitless_model::Quoted(service)),
             "use 1 to 63 lowercase letters, digits and '-', starting with a letter",
         ));
     }
@@ -313,7 +313,7 @@ pub fn validate_key(service: &str, address: &str, at: &str) -> Result<Key, Regis
         Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok((service.to_owned(), a.to_string())),
         _ => Err(invalid(
             format!("{at}.address"),
-            format!("{address:?} is not an IP address with a port"),
+            format!("{} is not an IP address with a port", hitless_model::Quoted(address)),
             "write it as 127.0.1.1:8080 or [::1]:8080",
         )),
     }

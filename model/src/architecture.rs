@@ -274,7 +274,7 @@ fn decode_vips(d: &mut Decoder, path: &str, v: &Value) -> Option<Vec<SocketAddr>
             Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => out.push(a),
             _ => d.push(
                 format!("{path}[{i}]"),
-                format!("{t:?} is not an IP address with a port"),
+                format!("{} is not an IP address with a port", crate::Quoted(t)),
                 "write it as 127.77.0.1:8080 or [::1]:8080 (no host names, no port 0)",
             ),
         }
@@ -342,7 +342,7 @@ fn http_path(d: &mut Decoder, path: &str, v: &Value) -> Option<String> {
     if p.starts_with('/') {
         Some(p)
     } else {
-        d.push(path, format!("{p:?} is not an HTTP path"), "start it with '/', e.g. /healthz");
+        d.push(path, format!("{} is not an HTTP path", crate::Quoted(&p)), "start it with '/', e.g. /healthz");
         None
     }
 }

@@ -16,8 +16,10 @@ pub(crate) struct Decoder {
 
 /// Joins a parent path and a field name.
 pub(crate) fn field(path: &str, name: &str) -> String {
+    // A key is the file's text: a huge one is shortened (see `short_key`).
+    let name = crate::error::short_key(name);
     if path.is_empty() {
-        name.to_owned()
+        name.into_owned()
     } else {
         format!("{path}.{name}")
     }
@@ -61,7 +63,7 @@ impl Decoder {
                         Some(s) => format!("did you mean `{s}`?"),
                         None => format!("remove it; known fields are {}", known.join(", ")),
                     };
-                    self.push(field(path, k), format!("unknown field `{k}`"), fix);
+                    self.push(field(path, k), format!("unknown field `{}`", crate::error::short_key(k)), fix);
                 }
                 other => {
                     self.push(path, format!("a key is {}", kind(other)), "use field names (strings) as keys");

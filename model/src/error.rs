@@ -30,6 +30,36 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// A value from an input file, quoted for an error message: whole (escaped) when short,
+/// else its first characters and its length, so that a 5 MB value is never printed back
+/// whole.
+pub struct Quoted<'a>(pub &'a str);
+
+/// Longest value quoted whole.
+const QUOTE_MAX: usize = 64;
+/// Characters shown of a longer one.
+const QUOTE_PREFIX: usize = 32;
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.len() <= QUOTE_MAX {
+            return write!(f, "{:?}", self.0);
+        }
+        let end = self.0.char_indices().nth(QUOTE_PREFIX).map_or(self.0.len(), |(i, _)| i);
+        write!(f, "{:?}… ({} bytes)", &self.0[..end], self.0.len())
+    }
+}
+
+/// A key from an input file as it appears in a field path: whole when short, else its
+/// first characters and `…`.
+pub fn short_key(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.len() <= QUOTE_MAX {
+        return key.into();
+    }
+    let end = key.char_indices().nth(QUOTE_PREFIX).map_or(key.len(), |(i, _)| i);
+    format!("{}…", &key[..end]).into()
+}
+
 /// A file that cannot be used. Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
@@ -48,5 +78,24 @@ impl ModelError {
             Self::Syntax(e) => vec![e.clone()],
             Self::Invalid(v) => v.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_values_are_quoted_by_a_prefix_and_their_length() {
+        assert_eq!(Quoted("cart").to_string(), "\"cart\"");
+        let long = "x".repeat(5_000_000);
+        let q = Quoted(&long).to_string();
+        assert!(q.len() < 80, "{q}");
+        assert!(q.starts_with("\"xxxx") && q.ends_with("… (5000000 bytes)"), "{q}");
+        assert_eq!(short_key("node-a"), "node-a");
+        assert!(short_key(&long).len() < 40);
+        // Never cut inside a character.
+        let wide = "é".repeat(100);
+        assert!(Quoted(&wide).to_string().contains("(200 bytes)"));
     }
 }

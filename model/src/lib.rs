@@ -15,4 +15,4 @@ mod validate;
 pub use architecture::{Architecture, Health, PreStop, RunSpec, Service};
 pub use cluster::{Cluster, Group, Instance, InstanceState, ServiceState, DEFAULT_WEIGHT};
 pub use duration::{Duration, DurationError};
-pub use error::{FieldError, ModelError};
+pub use error::{short_key, FieldError, ModelError, Quoted};

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use serde_yaml::Value;
 
 use crate::decode::{field, Decoder};
-use crate::error::{FieldError, ModelError};
+use crate::error::{FieldError, ModelError, Quoted};
 
 /// Largest backend weight; weights are relative, so this only catches typos.
 pub const MAX_WEIGHT: u64 = 1_000_000;
@@ -166,14 +166,14 @@ fn service(d: &mut Decoder, check: &mut Checks, at: &str, index: usize, v: &Valu
         if !valid_name(n) {
             d.push(
                 field(at, "name"),
-                format!("{n:?} is not a valid service name"),
+                format!("{} is not a valid service name", Quoted(n)),
                 "use 1 to 63 lowercase letters, digits and '-', starting with a letter",
             );
         } else if let Some(first) = check.names.insert(n.clone(), index) {
             check.names.insert(n.clone(), first);
             d.push(
                 field(at, "name"),
-                format!("service {n:?} is already defined at services[{first}]"),
+                format!("service {} is already defined at services[{first}]", Quoted(n)),
                 "give each service a unique name, or merge the two entries",
             );
         }
@@ -266,7 +266,7 @@ fn choice<T: Copy>(d: &mut Decoder, path: &str, v: &Value, options: &[(&str, T)]
         Some(s) => format!("did you mean `{s}`? (one of {})", names.join(", ")),
         None => format!("use one of {}", names.join(", ")),
     };
-    d.push(path, format!("unknown value {text:?}"), fix);
+    d.push(path, format!("unknown value {}", Quoted(&text)), fix);
     None
 }
 
@@ -291,13 +291,13 @@ pub fn valid_node_name(name: &str) -> bool {
 fn socket_addr(d: &mut Decoder, path: &str, text: &str) -> Option<SocketAddr> {
     match text.parse::<SocketAddr>() {
         Ok(a) if a.port() == 0 => {
-            d.push(path, format!("{text:?} has port 0"), "give the real port, e.g. 127.0.1.1:8080");
+            d.push(path, format!("{} has port 0", Quoted(text)), "give the real port, e.g. 127.0.1.1:8080");
             None
         }
         Ok(a) if a.ip().is_unspecified() => {
             d.push(
                 path,
-                format!("{text:?} is the unspecified address"),
+                format!("{} is the unspecified address", Quoted(text)),
                 "give the address clients dial, e.g. 127.0.1.1:8080",
             );
             None
@@ -306,7 +306,7 @@ fn socket_addr(d: &mut Decoder, path: &str, text: &str) -> Option<SocketAddr> {
         Err(_) => {
             d.push(
                 path,
-                format!("{text:?} is not an IP address with a port"),
+                format!("{} is not an IP address with a port", Quoted(text)),
                 "write it as 127.0.1.1:8080 or [::1]:8080 (no host names)",
             );
             None

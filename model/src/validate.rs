@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use crate::architecture::Architecture;
 use crate::decode::did_you_mean;
-use crate::error::FieldError;
+use crate::error::{FieldError, Quoted};
 
 /// Appends every cross-field problem of `arch` to `errors`.
 pub(crate) fn check(arch: &Architecture, errors: &mut Vec<FieldError>) {
@@ -16,7 +16,7 @@ pub(crate) fn check(arch: &Architecture, errors: &mut Vec<FieldError>) {
         if !s.version.is_empty() && !valid_version(&s.version) {
             errors.push(FieldError::new(
                 format!("services[{i}].version"),
-                format!("{:?} is not a valid version label", s.version),
+                format!("{} is not a valid version label", Quoted(&s.version)),
                 "use 1 to 63 letters, digits, '.', '_', '+' or '-', e.g. v2 or 1.4.0",
             ));
         }
@@ -47,11 +47,15 @@ fn check_nodes(arch: &Architecture, errors: &mut Vec<FieldError>) {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, n) in arch.nodes.iter().enumerate() {
         if !valid_name(n) {
-            errors.push(FieldError::new(format!("nodes[{i}]"), format!("{n:?} is not a valid node name"), NAME_FIX));
+            errors.push(FieldError::new(
+                format!("nodes[{i}]"),
+                format!("{} is not a valid node name", Quoted(n)),
+                NAME_FIX,
+            ));
         } else if let Some(first) = seen.insert(n, i) {
             errors.push(FieldError::new(
                 format!("nodes[{i}]"),
-                format!("node {n:?} is already listed at nodes[{first}]"),
+                format!("node {} is already listed at nodes[{first}]", Quoted(n)),
                 "list each node once",
             ));
         }
@@ -68,13 +72,13 @@ fn check_service_names<'a>(arch: &'a Architecture, errors: &mut Vec<FieldError>)
         if !valid_name(&s.name) {
             errors.push(FieldError::new(
                 format!("services[{i}].name"),
-                format!("{:?} is not a valid service name", s.name),
+                format!("{} is not a valid service name", Quoted(&s.name)),
                 NAME_FIX,
             ));
         } else if let Some(&first) = names.get(s.name.as_str()) {
             errors.push(FieldError::new(
                 format!("services[{i}].name"),
-                format!("service {:?} is already defined at services[{first}]", s.name),
+                format!("service {} is already defined at services[{first}]", Quoted(&s.name)),
                 "give each service a unique name, or merge the two entries",
             ));
         } else {
@@ -93,7 +97,7 @@ fn check_depends_on(arch: &Architecture, i: usize, names: &HashMap<&str, usize>,
         if dep == &s.name {
             errors.push(FieldError::new(
                 at,
-                format!("service {:?} depends on itself", s.name),
+                format!("service {} depends on itself", Quoted(&s.name)),
                 "remove it from its own depends_on",
             ));
         } else if !names.contains_key(dep.as_str()) {
@@ -101,11 +105,11 @@ fn check_depends_on(arch: &Architecture, i: usize, names: &HashMap<&str, usize>,
                 Some(k) => format!("did you mean `{k}`? depends_on names services of this file"),
                 None => "name a service defined in this file, or remove the entry".to_owned(),
             };
-            errors.push(FieldError::new(at, format!("unknown service {dep:?}"), fix));
+            errors.push(FieldError::new(at, format!("unknown service {}", Quoted(dep)), fix));
         } else if let Some(first) = seen.insert(dep, j) {
             errors.push(FieldError::new(
                 at,
-                format!("{dep:?} is already listed at services[{i}].depends_on[{first}]"),
+                format!("{} is already listed at services[{i}].depends_on[{first}]", Quoted(dep)),
                 "list each dependency once",
             ));
         }
@@ -118,7 +122,7 @@ fn check_placement(arch: &Architecture, i: usize, errors: &mut Vec<FieldError>) 
             if !valid_name(node) {
                 errors.push(FieldError::new(
                     format!("services[{i}].placement.{node}"),
-                    format!("{node:?} is not a valid node name"),
+                    format!("{} is not a valid node name", Quoted(node)),
                     NAME_FIX,
                 ));
             }
@@ -130,11 +134,13 @@ fn check_placement(arch: &Architecture, i: usize, errors: &mut Vec<FieldError>) 
         if !known.contains(&node.as_str()) {
             let fix = match did_you_mean(node, &known) {
                 Some(k) => format!("did you mean `{k}`? placement names nodes listed under `nodes`"),
-                None => format!("use one of the listed nodes ({}), or add {node:?} to `nodes`", known.join(", ")),
+                None => {
+                    format!("use one of the listed nodes ({}), or add {} to `nodes`", known.join(", "), Quoted(node))
+                }
             };
             errors.push(FieldError::new(
                 format!("services[{i}].placement.{node}"),
-                format!("unknown node {node:?}"),
+                format!("unknown node {}", Quoted(node)),
                 fix,
             ));
         }

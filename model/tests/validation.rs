@@ -229,3 +229,21 @@ fn all_errors_are_reported_at_once() {
     }
     assert_eq!(all.len(), 4, "{}", all.join("\n"));
 }
+
+#[test]
+fn a_huge_value_is_quoted_by_its_start_and_length_not_whole() {
+    let name = "s".repeat(5 << 20);
+    // A registry file whose service name is 5 MiB, and an unknown 5 MiB key.
+    let registry = format!("services:\n  - name: {name}\n    backends: [{{ address: \"127.0.1.1:8080\" }}]\n");
+    let e = hitless_model::registry::Registry::parse(&registry).expect_err("invalid name");
+    let text = e.to_string();
+    assert!(text.len() < 500, "the error is short: {} bytes", text.len());
+    assert!(text.contains("(5242880 bytes)"), "it says how long the value was: {text}");
+    assert!(text.contains("services[0].name"), "it names the field: {text}");
+    // YAML allows implicit keys of 1,024 characters at most: a long one, shortened too.
+    let key = "k".repeat(1000);
+    let arch = GOOD.replace("  - name: inventory\n", &format!("  - name: inventory\n    {key}: 1\n"));
+    let p = problems(&arch).join("\n");
+    assert!(p.len() < 1000, "the error is short: {} bytes", p.len());
+    assert!(p.contains("unknown field `kkkk") && p.contains('…'), "the key is shortened: {p}");
+}
