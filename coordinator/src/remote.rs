@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use hitless_coordinator::engine::record::StrategyRecord;
+use hitless_coordinator::server::{MAX_REGISTRY_TEXT, MAX_REGISTRY_YAML};
 use hitless_coordinator::{GateSpec, Strategy};
 use hitless_model::Duration;
 use hitless_proto::v1::{self as pb, coordinator_client::CoordinatorClient, registry_client::RegistryClient};
@@ -482,16 +483,33 @@ fn status_once(url: &str, args: &StatusArgs) -> Result<(), RemoteError> {
     })
 }
 
+/// The size of one part of a registry sent with `ApplyStream`.
+const APPLY_PART: usize = 1 << 20;
+
 /// `registry apply|list|register|deregister`.
 pub fn registry(url: &str, cmd: &RegistryCommand) -> Result<(), RemoteError> {
     // Read and check the file before dialling: bad input is exit 2 even with no coordinator.
     let yaml = match cmd {
         RegistryCommand::Apply { file } => {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| RemoteError::BadInput(format!("{}: cannot read the file: {e}", file.display())))?;
-            if let Err(e) = hitless_model::registry::Registry::parse(&text) {
-                let lines: Vec<String> = e.problems().iter().map(|p| format!("{}: {p}", file.display())).collect();
-                return Err(RemoteError::BadInput(lines.join("\n")));
+            let unreadable =
+                |e: std::io::Error| RemoteError::BadInput(format!("{}: cannot read the file: {e}", file.display()));
+            let size = std::fs::metadata(file).map_err(unreadable)?.len() as usize;
+            if size > MAX_REGISTRY_TEXT {
+                return Err(RemoteError::BadInput(format!(
+                    "{}: {size} bytes is more than the {} MiB a registry may have (about 150,000 instances); nothing was sent. Split the fleet's services over several coordinators, or drop instances hitless does not steer",
+                    file.display(),
+                    MAX_REGISTRY_TEXT >> 20
+                )));
+            }
+            let text = std::fs::read_to_string(file).map_err(unreadable)?;
+            // A file that fits one request is checked here (its errors need no coordinator);
+            // a larger one is checked by the coordinator, which parses it anyway: parsing
+            // takes about 35 times a file's size in memory.
+            if size <= MAX_REGISTRY_YAML {
+                if let Err(e) = hitless_model::registry::Registry::parse(&text) {
+                    let lines: Vec<String> = e.problems().iter().map(|p| format!("{}: {p}", file.display())).collect();
+                    return Err(RemoteError::BadInput(lines.join("\n")));
+                }
             }
             Some(text)
         }
@@ -502,7 +520,19 @@ pub fn registry(url: &str, cmd: &RegistryCommand) -> Result<(), RemoteError> {
         match cmd {
             RegistryCommand::Apply { .. } => {
                 let registry_yaml = yaml.unwrap_or_default();
-                let r = client.apply(pb::ApplyRequest { registry_yaml }).await.map_err(status_error)?.into_inner();
+                let r = if registry_yaml.len() <= MAX_REGISTRY_YAML {
+                    client.apply(pb::ApplyRequest { registry_yaml }).await
+                } else {
+                    // In parts: one message could not carry it.
+                    let parts: Vec<pb::ApplyChunk> = registry_yaml
+                        .as_bytes()
+                        .chunks(APPLY_PART)
+                        .map(|p| pb::ApplyChunk { registry_yaml_part: p.to_vec() })
+                        .collect();
+                    client.apply_stream(tokio_stream::iter(parts)).await
+                }
+                .map_err(status_error)?
+                .into_inner();
                 println!("applied: registry revision {}", r.revision);
             }
             RegistryCommand::List { output } => {

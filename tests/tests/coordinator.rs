@@ -243,3 +243,41 @@ fn tokio_stream_once<T: Send + 'static>(
 ) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send + 'static {
     tonic::codegen::tokio_stream::iter(vec![item])
 }
+
+#[test]
+fn a_registry_larger_than_one_message_is_applied_in_parts_and_a_too_large_one_is_refused_plainly() {
+    let coord = Coordinator::start("big", "127.130.7.1:7070");
+    // 600 services × 40 instances: about 1.3 MB of YAML, more than one Apply request
+    // carries (1 MiB).
+    let mut text = String::from("services:\n");
+    for s in 0..600 {
+        text += &format!("  - name: s{s}\n    backends:\n");
+        for i in 0..40 {
+            text +=
+                &format!("      - {{ address: \"127.{}.{}.{}:8080\", version: v1 }}\n", 140 + s / 250, s % 250, i + 1);
+        }
+    }
+    assert!(text.len() > 1 << 20, "{} bytes", text.len());
+    let file = std::env::temp_dir().join(format!("hitless-big-{}.yaml", std::process::id()));
+    std::fs::write(&file, &text).expect("file");
+    let out = coord.cli(&["registry", "apply", file.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "registry apply of {} bytes: {}", text.len(), String::from_utf8_lossy(&out.stderr));
+    let list = coord.json(&["registry", "list", "-o", "json"]);
+    let instances: usize = list["services"]
+        .as_array()
+        .map_or(0, |s| s.iter().map(|s| s["instances"].as_array().map_or(0, Vec::len)).sum());
+    assert_eq!(instances, 24_000, "every instance applied");
+    let applied = coord.revision();
+
+    // Over the 16 MiB a registry may have: refused before anything is sent, saying
+    // what was too large, the limit and what to do.
+    let huge = format!("# {}\n{text}", "x".repeat(17 << 20));
+    std::fs::write(&file, huge).expect("file");
+    let out = coord.cli(&["registry", "apply", file.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is more than the 16 MiB a registry may have") && err.contains("Split"), "{err}");
+    assert!(err.len() < 1000, "a short message: {err}");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(coord.revision(), applied, "a refused apply changes nothing");
+}

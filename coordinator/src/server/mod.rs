@@ -20,7 +20,7 @@ use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 pub use control::DEFAULT_DRAIN_TIMEOUT;
-pub use registry_api::MAX_REGISTRY_YAML;
+pub use registry_api::{MAX_REGISTRY_TEXT, MAX_REGISTRY_YAML};
 pub use state::{AckEvent, NodeInfo, Shared};
 
 use crate::store::{Store, StoreError};

@@ -12,8 +12,22 @@ use tonic::{Request, Response, Status};
 use super::state::Shared;
 use crate::registry::{validate_instance, validate_key, Key};
 
-/// Largest registry file `Apply` accepts.
+/// Largest registry file `Apply` accepts in one message.
 pub const MAX_REGISTRY_YAML: usize = 1 << 20;
+
+/// Largest registry file `ApplyStream` accepts (about 150,000 instances; parsing one
+/// takes about 35 times its size in memory for a moment).
+pub const MAX_REGISTRY_TEXT: usize = 16 << 20;
+
+/// Validates and applies a whole registry file.
+fn apply_text(shared: &Shared, yaml: &str) -> Result<pb::ApplyResponse, Status> {
+    let reg = Registry::parse(yaml).map_err(|e| {
+        let lines: Vec<String> = e.problems().iter().map(|p| format!("registry_yaml: {p}")).collect();
+        Status::invalid_argument(lines.join("\n"))
+    })?;
+    let revision = shared.mutate(|s| Ok(s.apply(&reg)))?;
+    Ok(pb::ApplyResponse { revision })
+}
 
 /// The `Registry` service.
 pub struct RegistryApi {
@@ -78,15 +92,34 @@ impl registry_server::Registry for RegistryApi {
         let yaml = &req.get_ref().registry_yaml;
         if yaml.len() > MAX_REGISTRY_YAML {
             return Err(Status::invalid_argument(format!(
-                "registry_yaml: {} bytes is more than the {MAX_REGISTRY_YAML} accepted; split the registry",
+                "registry_yaml: {} bytes is more than the {MAX_REGISTRY_YAML} one Apply accepts; send it in parts with ApplyStream (`hitless registry apply` does)",
                 yaml.len()
             )));
         }
-        let reg = Registry::parse(yaml).map_err(|e| {
-            let lines: Vec<String> = e.problems().iter().map(|p| format!("registry_yaml: {p}")).collect();
-            Status::invalid_argument(lines.join("\n"))
+        Ok(Response::new(apply_text(&self.shared, yaml)?))
+    }
+
+    async fn apply_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::ApplyChunk>>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let mut parts = req.into_inner();
+        let mut text = Vec::new();
+        while let Some(chunk) = parts.message().await? {
+            if text.len() + chunk.registry_yaml_part.len() > MAX_REGISTRY_TEXT {
+                return Err(Status::invalid_argument(format!(
+                    "registry_yaml: more than the {} MiB a registry may have; nothing was changed. Split the fleet's services over several coordinators, or drop instances hitless does not steer",
+                    MAX_REGISTRY_TEXT >> 20
+                )));
+            }
+            text.extend_from_slice(&chunk.registry_yaml_part);
+        }
+        let yaml = String::from_utf8(text).map_err(|e| {
+            Status::invalid_argument(format!(
+                "registry_yaml: not UTF-8 text (at byte {}); save the file as UTF-8",
+                e.utf8_error().valid_up_to()
+            ))
         })?;
-        let revision = self.shared.mutate(|s| Ok(s.apply(&reg)))?;
-        Ok(Response::new(pb::ApplyResponse { revision }))
+        Ok(Response::new(apply_text(&self.shared, &yaml)?))
     }
 }
