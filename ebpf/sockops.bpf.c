@@ -290,6 +290,28 @@ static __always_inline void connect_done(struct bpf_sock_ops *ctx)
 		st->latency[b]++;
 }
 
+#define HL_EEXIST 17
+
+/* Tells the agent that a connect to ep failed: one record in hl_failures, then
+ * nothing more for ep until the agent has looked (it deletes the flag, then reads
+ * the counters). Failure path only: a connect that establishes pays nothing.
+ * The insert is unconditional, with no lookup first: it takes the bucket lock,
+ * which orders the failed++ before it against the agent's delete-then-read. With
+ * a plain lookup, this program could see the flag still set while the agent read
+ * the count without this failure; it would then wait for the next failure. */
+static __always_inline void signal_failure(struct hl_endpoint *ep)
+{
+	__u8 one = 1;
+	long err = bpf_map_update_elem(&hl_failed_flag, ep, &one, BPF_NOEXIST);
+
+	if (err == -HL_EEXIST)
+		return;
+	/* A full flag map (err != 0) still signals, unthrottled; a full ring
+	 * drops the flag, so the next failure tries again. */
+	if (bpf_ringbuf_output(&hl_failures, ep, sizeof(*ep), 0) && !err)
+		bpf_map_delete_elem(&hl_failed_flag, ep);
+}
+
 static __always_inline void connect_closed(struct bpf_sock_ops *ctx, __u32 old_state)
 {
 	struct hl_endpoint ep = {};
@@ -310,6 +332,7 @@ static __always_inline void connect_closed(struct bpf_sock_ops *ctx, __u32 old_s
 	if (old_state == BPF_TCP_SYN_SENT || old_state == BPF_TCP_SYN_RECV) {
 		/* Never established (refused, reset, timed out). */
 		st->failed++;
+		signal_failure(&ep);
 		return;
 	}
 	st->closed++;

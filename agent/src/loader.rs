@@ -205,6 +205,8 @@ pub fn load(pin_dir: &Path, cgroup: &Path, caps: Capacities) -> Result<Loaded, L
             .map_max_entries(names::ACTIVE, caps.backends)
             .map_max_entries(names::PENDING, caps.backends)
             .map_max_entries(names::BACKEND_STATS, caps.backends)
+            .map_max_entries(names::FAILED_FLAG, caps.backends)
+            .map_max_entries(names::FAILURES, crate::outlier::failure_ring_bytes(caps.backends))
             .map_max_entries(names::REV_NAT, caps.connections)
             .load(obj)
             .map_err(|e| match e {

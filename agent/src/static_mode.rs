@@ -2,14 +2,17 @@
 //!
 //! The file is polled (metadata every `poll`, content only when it changed), which
 //! keeps the agent free of inotify corner cases (editors that replace the file,
-//! ConfigMap symlink swaps) and applies a change within one poll interval.
+//! ConfigMap symlink swaps) and applies a change within one poll interval. Between
+//! two looks the agent sleeps on the datapath's failure signals: outlier detection
+//! reads the counters of the backends that failed, and of no other.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, warn};
 
-use crate::outlier::Outliers;
+use crate::outlier::{Outliers, Signals};
 use crate::{desired, metrics};
 use hitless_model::ModelError;
 
@@ -92,63 +95,196 @@ pub fn watch(
     reg: Registry,
     outliers: &mut Outliers,
 ) -> ! {
-    let mut last_stamp = stamp(path);
-    let mut last_text = std::fs::read_to_string(path).ok();
-    // What the maps should hold: rebuilt only when the registry changes, never per poll.
-    let mut d = desired::from_registry(&reg);
-    // A valid file whose apply failed (a transient map error): retried every poll until
-    // it lands, not only when the file changes again.
-    let mut unapplied: Option<Registry> = None;
-    let (mut retry_at, mut backoff) = (std::time::Instant::now(), poll);
+    let mut w = Watcher::new(path, writer, poll, metrics, node, reg, outliers);
     loop {
-        std::thread::sleep(poll);
-        // Outliers: a change in who is isolated re-applies the same revision.
-        if outliers.observe(writer.maps(), &d, std::time::Instant::now()) {
-            let revision = writer.maps().revision().unwrap_or(0);
-            if let Err(e) = writer.apply(&outliers.overlay(&d), revision) {
+        w.turn();
+    }
+}
+
+/// The static-mode loop, one turn at a time. It sleeps in poll(2) on the datapath's
+/// failure signals until a signal, the next outlier deadline or the next look at the
+/// file (every `poll`): an idle agent stats the file and reads no kernel counter.
+pub struct Watcher<'a> {
+    path: PathBuf,
+    writer: &'a mut Writer,
+    poll: Duration,
+    metrics: &'a metrics::State,
+    node: String,
+    outliers: &'a mut Outliers,
+    /// The failure signals; `None` when they cannot be opened (then every poll reads
+    /// every backend's counters, as before signals).
+    signals: Option<Signals>,
+    /// No signal is taken before then: a backend that keeps failing costs one look per poll.
+    rest_until: Instant,
+    next_stat: Instant,
+    last_stamp: Option<Stamp>,
+    last_text: Option<String>,
+    /// What the maps should hold: rebuilt only when the registry changes, never per poll.
+    d: Vec<desired::DesiredService>,
+    /// A valid file whose apply failed (a transient map error): retried with backoff
+    /// until it lands, not only when the file changes again.
+    unapplied: Option<Registry>,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+impl<'a> Watcher<'a> {
+    /// A watcher of `path`, whose registry `reg` the maps hold now.
+    pub fn new(
+        path: &Path,
+        writer: &'a mut Writer,
+        poll: Duration,
+        metrics: &'a metrics::State,
+        node: &str,
+        reg: Registry,
+        outliers: &'a mut Outliers,
+    ) -> Self {
+        let signals = Signals::open(writer.maps().pin_dir())
+            .inspect_err(|e| {
                 metrics.error();
+                error!(error = %e, "cannot open the failure signals; outlier detection reads every backend's counters every poll");
+            })
+            .ok();
+        let now = Instant::now();
+        Self {
+            path: path.to_owned(),
+            writer,
+            poll,
+            metrics,
+            node: node.to_owned(),
+            outliers,
+            signals,
+            rest_until: now,
+            next_stat: now + poll,
+            last_stamp: stamp(path),
+            last_text: std::fs::read_to_string(path).ok(),
+            d: desired::from_registry(&reg),
+            unapplied: None,
+            retry_at: now,
+            backoff: poll,
+        }
+    }
+
+    /// The maps, as the loop reads them.
+    pub fn maps(&self) -> &crate::writer::Maps {
+        self.writer.maps()
+    }
+
+    /// The node's outlier detector.
+    pub fn outliers(&self) -> &Outliers {
+        self.outliers
+    }
+
+    /// Waits for the next thing to do (at most one `poll`), then does what is due.
+    pub fn turn(&mut self) {
+        self.wait();
+        let now = Instant::now();
+        // Outliers: a change in who is isolated re-applies the same revision.
+        let changed = match self.signals.as_mut() {
+            Some(signals) => {
+                let mut changed = false;
+                if now >= self.rest_until {
+                    let signalled = signals.take();
+                    if !signalled.is_empty() {
+                        self.rest_until = now + self.poll;
+                        changed = self.outliers.on_failures(self.writer.maps(), &self.d, &signalled, now);
+                    }
+                }
+                self.outliers.on_deadline(self.writer.maps(), &self.d, now) || changed
+            }
+            None if now >= self.next_stat => self.outliers.observe(self.writer.maps(), &self.d, now),
+            None => false,
+        };
+        if changed {
+            let revision = self.writer.maps().revision().unwrap_or(0);
+            if let Err(e) = self.writer.apply(&self.outliers.overlay(&self.d), revision) {
+                self.metrics.error();
                 error!(error = %e, "outlier change not applied");
             }
-            metrics.set_outliers(outliers);
+            self.metrics.set_outliers(self.outliers);
         }
+        if now >= self.next_stat {
+            self.next_stat = now + self.poll;
+            self.look_at_file();
+        }
+        if let Some(next) = self.unapplied.take_if(|_| Instant::now() >= self.retry_at) {
+            self.apply_file(next);
+        }
+    }
+
+    /// Sleeps until a failure signal (unless resting), the next outlier deadline, the
+    /// next look at the file or the next retry, whichever comes first.
+    fn wait(&mut self) {
+        let now = Instant::now();
+        let mut wake = self.next_stat;
+        if let Some(d) = self.outliers.next_deadline() {
+            wake = wake.min(d);
+        }
+        if self.unapplied.is_some() {
+            wake = wake.min(self.retry_at);
+        }
+        let listen = self.signals.as_ref().filter(|_| now >= self.rest_until);
+        if self.signals.is_some() && listen.is_none() {
+            wake = wake.min(self.rest_until);
+        }
+        let timeout = wake.saturating_duration_since(now);
+        // Round up: waking a little early would spin until the deadline.
+        let ms = i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
+        match listen {
+            Some(s) => {
+                let mut fd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd, for the duration of the call. EINTR or an
+                // error only ends the wait early; the turn then finds nothing due.
+                unsafe { libc::poll(&mut fd, 1, ms) };
+            }
+            None => std::thread::sleep(Duration::from_millis(ms as u64)),
+        }
+    }
+
+    /// Reads the file if its metadata changed; a new valid registry is applied.
+    fn look_at_file(&mut self) {
+        let path = &self.path;
         let now = stamp(path);
-        if now != last_stamp {
-            last_stamp = now;
-            match std::fs::read_to_string(path) {
-                Err(_) => warn!(file = %path.display(), "registry file unreadable; keeping the state in force"),
-                Ok(text) if last_text.as_deref() == Some(text.as_str()) => {}
-                Ok(text) => {
-                    last_text = Some(text.clone());
-                    match Registry::parse(&text) {
-                        Ok(next) => {
-                            unapplied = Some(next);
-                            (retry_at, backoff) = (std::time::Instant::now(), poll);
-                        }
-                        Err(e) => {
-                            metrics.error();
-                            for p in e.problems() {
-                                error!(file = %path.display(), field = %p.path, problem = %p.problem, fix = %p.fix, "invalid registry file; keeping the state in force");
-                            }
+        if now == self.last_stamp {
+            return;
+        }
+        self.last_stamp = now;
+        match std::fs::read_to_string(path) {
+            Err(_) => warn!(file = %path.display(), "registry file unreadable; keeping the state in force"),
+            Ok(text) if self.last_text.as_deref() == Some(text.as_str()) => {}
+            Ok(text) => {
+                self.last_text = Some(text.clone());
+                match Registry::parse(&text) {
+                    Ok(next) => {
+                        self.unapplied = Some(next);
+                        (self.retry_at, self.backoff) = (Instant::now(), self.poll);
+                    }
+                    Err(e) => {
+                        self.metrics.error();
+                        for p in e.problems() {
+                            error!(file = %path.display(), field = %p.path, problem = %p.problem, fix = %p.fix, "invalid registry file; keeping the state in force");
                         }
                     }
                 }
             }
         }
-        if let Some(next) = unapplied.take_if(|_| std::time::Instant::now() >= retry_at) {
-            match apply(writer, &next, metrics, node, outliers) {
-                Ok(_) => d = desired::from_registry(&next),
-                Err(e @ WriteError::Capacity { .. }) => {
-                    // Only a smaller file (or larger maps) can fix this: wait for a change.
-                    metrics.error();
-                    error!(file = %path.display(), error = %e, "registry not applied; nothing was changed");
-                }
-                Err(e) => {
-                    metrics.error();
-                    error!(file = %path.display(), error = %e, retry_ms = backoff.as_millis() as u64, "registry not applied; the state in force is unchanged or safely partial; retrying");
-                    unapplied = Some(next);
-                    retry_at = std::time::Instant::now() + backoff;
-                    backoff = (backoff * 2).min(MAX_RETRY);
-                }
+    }
+
+    fn apply_file(&mut self, next: Registry) {
+        let path = &self.path;
+        match apply(self.writer, &next, self.metrics, &self.node, self.outliers) {
+            Ok(_) => self.d = desired::from_registry(&next),
+            Err(e @ WriteError::Capacity { .. }) => {
+                // Only a smaller file (or larger maps) can fix this: wait for a change.
+                self.metrics.error();
+                error!(file = %path.display(), error = %e, "registry not applied; nothing was changed");
+            }
+            Err(e) => {
+                self.metrics.error();
+                error!(file = %path.display(), error = %e, retry_ms = self.backoff.as_millis() as u64, "registry not applied; the state in force is unchanged or safely partial; retrying");
+                self.unapplied = Some(next);
+                self.retry_at = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_RETRY);
             }
         }
     }

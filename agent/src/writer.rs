@@ -16,7 +16,8 @@
 //! maps changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 
@@ -53,6 +54,10 @@ pub mod names {
     pub const CONN_RING: &str = "hl_conn_ring";
     /// Connects from this node still in their handshake, per remote backend.
     pub const PENDING: &str = "hl_pending";
+    /// Backends whose failure is signalled and not yet looked at.
+    pub const FAILED_FLAG: &str = "hl_failed_flag";
+    /// Failure signals (a ring buffer of backend endpoints).
+    pub const FAILURES: &str = "hl_failures";
 }
 
 /// Why an apply did not happen or did not finish.
@@ -125,9 +130,14 @@ pub struct Maps {
     /// Per-backend (connects, failed) when the agent's writer opened the maps: what
     /// happened before this agent ran (see [`Maps::stats_at_start`]).
     at_start: Option<BTreeMap<Endpoint, (u64, u64)>>,
+    /// Where the maps are pinned.
+    pin_dir: PathBuf,
+    /// Lookups of `hl_backend_stats` so far (see [`Maps::stats_reads`]).
+    stats_reads: AtomicU64,
 }
 
-fn open(dir: &Path, name: &'static str) -> Result<(Map, usize), WriteError> {
+/// Opens the map pinned as `name` in `dir`, with its capacity.
+pub(crate) fn open(dir: &Path, name: &'static str) -> Result<(Map, usize), WriteError> {
     let path = dir.join(name);
     let wrap = |source| WriteError::Open { path: path.display().to_string(), source };
     let data = MapData::from_pin(&path).map_err(wrap)?;
@@ -176,7 +186,21 @@ impl Maps {
                 slots: slots_cap,
             },
             at_start: None,
+            pin_dir: pin_dir.to_owned(),
+            stats_reads: AtomicU64::new(0),
         })
+    }
+
+    /// The pin directory the maps were opened from.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// How many times these handles looked up a backend's counters (one per-CPU hash
+    /// lookup each, the outlier detector's cost). Tests use it to prove that an idle
+    /// agent reads none.
+    pub fn stats_reads(&self) -> u64 {
+        self.stats_reads.load(Ordering::Relaxed)
     }
 
     /// Per-backend (connects, failed) as they were when [`Writer::new`] took these maps,
@@ -225,6 +249,7 @@ impl Maps {
 
     /// What this node's clients saw of the backend at `ep`, summed over CPUs.
     pub fn backend_stats(&self, ep: &Endpoint) -> Option<BackendStats> {
+        self.stats_reads.fetch_add(1, Ordering::Relaxed);
         let per_cpu = self.backend_stats.get(ep, 0).ok()?;
         let mut sum = BackendStats::default();
         for s in per_cpu.iter() {

@@ -5,7 +5,8 @@
  * other object of the datapath) reuses the same maps. Capacities here are
  * defaults; the agent sets them at load time from its flags. The agent is the
  * only writer of every map except rev_nat, rev_ring, conn_ring, counters,
- * active, pending and sk_mark, which the programs write.
+ * active, pending, sk_mark, failed_flag and failures, which the programs write
+ * (the agent only deletes failed_flag entries and consumes failures).
  */
 #ifndef HITLESS_MAPS_H
 #define HITLESS_MAPS_H
@@ -141,6 +142,31 @@ struct {
 	__type(value, __s64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } hl_pending SEC(".maps");
+
+/* remote backend (address, port, TCP) -> 1 while a failure of it is signalled in
+ * hl_failures and the agent has not looked yet. It rate-limits the signal: a storm
+ * of failed connects to one backend costs one event until the agent has read that
+ * backend's counters (it deletes the entry first, then reads). The agent sizes it
+ * like hl_backends: at most one entry per backend. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct hl_endpoint);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_failed_flag SEC(".maps");
+
+/* Failure signals: records of one struct hl_endpoint, a backend that a connect
+ * from this node failed to (at most one outstanding per backend, see
+ * hl_failed_flag). The agent sleeps on it and reads only the backends named here,
+ * so an idle agent reads no counters. max_entries is bytes (a power of two, a
+ * multiple of the page size): 32 per record (8 of header, 20 of endpoint, padded),
+ * one record per backend; the agent sets it from --max-backends. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16384 * 32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} hl_failures SEC(".maps");
 
 /* The revision the maps hold, written last by the agent. */
 struct {

@@ -151,3 +151,101 @@ fn failures_between_the_first_apply_and_the_first_look_count() {
     assert!(!restarted.observe(writer.maps(), &wanted, Instant::now()));
     assert!(restarted.isolated().is_empty());
 }
+
+/// Issue 13.2: an idle agent costs nothing. At 1,000 services x 10 backends the
+/// static-mode loop used to read every serving backend's counters (a per-CPU hash
+/// lookup each, 10,000 per look) every 20 ms. Now it sleeps on the datapath's failure
+/// signals: this drives the agent's own loop ([`Watcher`]) on a real node and counts
+/// the counter lookups it makes: none while idle, none for successful connects, one for
+/// a backend that fails (however many of its connects fail), none while it is isolated,
+/// one when it returns.
+#[test]
+fn an_idle_agent_reads_no_counters() {
+    use hitless_agent::static_mode::Watcher;
+
+    let mut node = Node::new("outlier-idle");
+    let good = "127.139.0.1:8080";
+    let bad = "127.139.0.2:8080";
+    let other = "127.139.0.3:8080";
+    let vip = "127.76.0.1:8080";
+    let _srv = serve(None, &[good, other], &[]);
+    let mut text = format!(
+        "services:\n  - name: cart\n    vips: [\"{vip}\"]\n    backends: [{{ address: \"{good}\" }}, {{ address: \"{bad}\" }}]\n  - name: one\n    vips: [\"127.76.0.2:8080\"]\n    backends: [{{ address: \"{other}\" }}]\n"
+    );
+    // 998 more services of 10 backends: 1,000 services, 9,983 backends.
+    for s in 2..1000u32 {
+        let (a, b) = (s / 250, s % 250);
+        let backends: Vec<String> =
+            (0..10).map(|i| format!("{{ address: \"127.139.{}.{}:{}\" }}", 1 + a, b, 9000 + i)).collect();
+        text.push_str(&format!(
+            "  - name: s{s}\n    vips: [\"127.76.{}.{}:8080\"]\n    backends: [{}]\n",
+            1 + a,
+            b,
+            backends.join(", ")
+        ));
+    }
+    node.write_registry(&text);
+    node.start_agent();
+    // From here on this process is the node's agent: its writer, detector and loop.
+    node.kill_agent();
+    let reg = hitless_agent::registry::Registry::parse(&text).expect("registry");
+    let mut writer = Writer::new(Maps::open(&node.pin_dir).expect("maps")).expect("writer");
+    let mut outliers = Outliers::new(2, Duration::from_secs(1));
+    let metrics = hitless_agent::metrics::State::default();
+
+    // The counter sees a full look: the old loop's, at every poll.
+    let wanted = hitless_agent::desired::from_registry(&reg);
+    let before = writer.maps().stats_reads();
+    outliers.observe(writer.maps(), &wanted, Instant::now());
+    assert_eq!(writer.maps().stats_reads() - before, 9_983, "one lookup per serving backend");
+
+    let poll = Duration::from_millis(20);
+    let mut w = Watcher::new(&node.registry(), &mut writer, poll, &metrics, &node.name, reg, &mut outliers);
+    let turns = |w: &mut Watcher<'_>, for_: Duration| {
+        let (end, mut n) = (Instant::now() + for_, 0);
+        while Instant::now() < end {
+            w.turn();
+            n += 1;
+        }
+        n
+    };
+    let reads = |w: &Watcher<'_>| w.maps().stats_reads();
+
+    // Idle: 1 s of turns (the file is looked at every 20 ms), no counter read.
+    let r0 = reads(&w);
+    let n = turns(&mut w, Duration::from_secs(1));
+    assert!((25..=100).contains(&n), "the loop wakes at every poll (20 ms): {n} turns in 1 s");
+    assert_eq!(reads(&w) - r0, 0, "idle: no counter read in {n} turns");
+
+    // Successful connects signal nothing.
+    let ok = connects(Some(&node.cgroup), "127.76.0.2:8080", 50);
+    assert_eq!(ok.ok, 50, "{ok:?}");
+    turns(&mut w, Duration::from_millis(300));
+    assert_eq!(reads(&w) - r0, 0, "successful connects made the agent read counters");
+
+    // Failures: one signal for the failing backend however many of its connects fail,
+    // one read, isolated.
+    let bad_ep = hitless_agent::abi::Endpoint::new(bad.parse().expect("addr"), hitless_agent::abi::PROTO_TCP);
+    let s = connects(Some(&node.cgroup), vip, 40);
+    assert!(s.failed >= 2, "{s:?}");
+    let r1 = reads(&w);
+    w.turn();
+    assert_eq!(reads(&w) - r1, 1, "{} failed connects cost one read of the failing backend", s.failed);
+    assert_eq!(w.outliers().isolated().into_iter().collect::<Vec<_>>(), vec![bad_ep]);
+    let isolated_at = Instant::now();
+    let s = connects(Some(&node.cgroup), vip, 100);
+    assert_eq!((s.ok, s.failed), (100, 0), "isolated: every connect goes to the healthy backend: {s:?}");
+
+    // Isolated and idle: nothing read until its period ends (a timer, not a poll).
+    turns(&mut w, Duration::from_millis(600));
+    assert_eq!(reads(&w) - r1, 1, "no read while the backend is isolated");
+    while !w.outliers().isolated().is_empty() {
+        assert!(isolated_at.elapsed() < Duration::from_secs(3), "never returned");
+        w.turn();
+    }
+    assert!(isolated_at.elapsed() >= Duration::from_millis(950), "returned early: {:?}", isolated_at.elapsed());
+    assert_eq!(reads(&w) - r1, 2, "its return reads the returning backend only");
+    let r2 = reads(&w);
+    turns(&mut w, Duration::from_millis(500));
+    assert_eq!(reads(&w) - r2, 0, "idle again: no counter read");
+}

@@ -12,7 +12,10 @@
 //!   and wrk; one line of totals at the end, exit 1 on any loss (as root).
 //! - `cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]`: build in release mode and
 //!   run the benchmarks; each prints ratios against a baseline measured in the same run.
+//! - `cargo xtask image [--tag NAME] [--base IMAGE]`: build the release binaries and the
+//!   container image with buildah (`FROM scratch` by default: no registry), then check it.
 
+mod image;
 mod packages;
 mod preflight;
 
@@ -20,7 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage: cargo xtask test [-- ARGS] | cargo xtask deps | cargo xtask ebpf [--check] | \
-                     cargo xtask demo [-- ARGS] | cargo xtask soak [--rollouts N] [--kills K] [--seed S] | cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]";
+                     cargo xtask demo [-- ARGS] | cargo xtask soak [--rollouts N] [--kills K] [--seed S] | cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS] | \
+                     cargo xtask image [--tag NAME] [--base IMAGE]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
         Some("ebpf") => ebpf(args.iter().any(|a| a == "--check")).map(|()| ExitCode::SUCCESS),
         Some("demo") => demo(&args[1..]).map(|()| ExitCode::SUCCESS),
         Some("soak") => soak(&args[1..]).map(|()| ExitCode::SUCCESS),
+        Some("image") => image::image(&args[1..]).map(|()| ExitCode::SUCCESS),
         Some("bench") => {
             bench(args.get(1).map_or("all", String::as_str), &args[2.min(args.len())..]).map(|()| ExitCode::SUCCESS)
         }

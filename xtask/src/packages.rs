@@ -56,10 +56,14 @@ pub const NGINX: Package = daemon("nginx-light", &[Probe::Bin("nginx")], "nginx"
 pub const WRK: Package = pkg("wrk", &[Probe::Bin("wrk")]);
 pub const ETCD: Package = daemon("etcd-server", &[Probe::Bin("etcd")], "etcd", "etcd");
 pub const SETPRIV: Package = pkg("util-linux", &[Probe::Bin("setpriv")]);
+pub const BUILDAH: Package = pkg("buildah", &[Probe::Bin("buildah")]);
 
 /// Everything `cargo test --workspace` and CI use: clang and libbpf for `ebpf --check`,
 /// curl, prometheus/promtool, iptables, nginx and wrk, etcd, setpriv.
 pub const TESTS: &[Package] = &[CLANG, LIBBPF, CURL, PROMETHEUS, IPTABLES, NGINX, WRK, ETCD, SETPRIV];
+
+/// `cargo xtask image`: buildah builds the container image (FROM scratch, no registry).
+pub const IMAGE: &[Package] = &[BUILDAH];
 
 /// The datapath benchmark's anchor: kube-proxy-style iptables DNAT chains.
 pub const BENCH_DATAPATH: &[Package] = &[IPTABLES];
