@@ -498,21 +498,29 @@ async fn start(
             spec: Some(spec(svc, version)),
             health_timeout_ms: shared.health_timeout.as_millis() as u64,
         });
-        shared.send_op(node, msg)?;
+        shared.send_op(node, msg).map_err(|e| reconnecting(shared, node, e))?;
         pending.insert(op_id, node.clone());
     }
     let weight_of = |version: &str, node: &str| {
         ops.start.iter().find(|(v, n, _)| v == version && n == node).map_or(hitless_model::DEFAULT_WEIGHT, |s| s.2)
     };
-    // Instances already starting (an interrupted step): wait for them by address.
-    let mut awaiting: Vec<String> = ops.await_healthy.clone();
+    // Instances already starting (an interrupted step): wait for them by address. An
+    // instance of this step joins them once reported starting, so that its serving
+    // report counts whatever operation it carries (an agent that adopted it after a
+    // restart, or that reports it on a later session, reports it under none).
+    let mut awaiting: BTreeMap<String, String> = observed
+        .iter()
+        .filter(|o| o.service == service && ops.await_healthy.contains(&o.address))
+        .map(|o| (o.address.clone(), o.node.clone()))
+        .collect();
     let health_timeout = shared.health_timeout;
-    let deadline = Instant::now() + health_timeout + Duration::from_secs(5);
+    let mut deadline = Instant::now() + health_timeout + Duration::from_secs(5);
+    let mut resynced = false;
     // Some may be healthy already and only need registering.
     let running = shared.running();
     let healthy: Vec<&Observed> = observed
         .iter()
-        .filter(|o| o.service == service && awaiting.contains(&o.address))
+        .filter(|o| o.service == service && awaiting.contains_key(&o.address))
         .filter(|o| {
             running
                 .get(&o.node)
@@ -522,21 +530,32 @@ async fn start(
         .collect();
     for o in healthy {
         register(shared, service, &o.address, &o.version, &o.node, o.weight)?;
-        awaiting.retain(|a| *a != o.address);
+        awaiting.remove(&o.address);
     }
     while !pending.is_empty() || !awaiting.is_empty() {
         let wait = deadline.saturating_duration_since(Instant::now());
         if wait.is_zero() {
-            return Err(format!("instances of {service} did not report healthy within {health_timeout:?}").into());
+            // Every agent reports serving or failed within the health timeout: a report
+            // this late was lost with a session (the hello of the next one may have
+            // listed the instance as still starting). Ask those agents to say hello
+            // again, once; their new sessions interrupt the step, which observes anew.
+            let owing: std::collections::BTreeSet<&String> = pending.values().chain(awaiting.values()).collect();
+            let mut asked = false;
+            for n in owing.into_iter().filter(|_| !resynced) {
+                asked |= shared.resync(n);
+            }
+            if !asked {
+                return Err(format!("instances of {service} did not report healthy within {health_timeout:?}").into());
+            }
+            resynced = true;
+            deadline = Instant::now() + NODE_WAIT;
+            continue;
         }
         let (node, rep) = match tokio::time::timeout(wait.min(SESSION_CHECK), reports.recv()).await {
             Ok(Ok(x)) => x,
             Ok(Err(RecvError::Lagged(_))) => continue,
             Err(_) => {
-                let nodes = pending
-                    .values()
-                    .map(String::as_str)
-                    .chain(observed.iter().filter(|o| awaiting.contains(&o.address)).map(|o| o.node.as_str()));
+                let nodes = pending.values().chain(awaiting.values()).map(String::as_str);
                 same_sessions(shared, &sessions, nodes, "starting instances")?;
                 continue;
             }
@@ -544,15 +563,16 @@ async fn start(
                 return Err(format!("instances of {service} did not report healthy within {health_timeout:?}").into())
             }
         };
-        let ours = pending.contains_key(&rep.op_id) || awaiting.contains(&rep.address);
-        if !ours || rep.service != service {
+        let by_op = pending.get(&rep.op_id).is_some_and(|n| *n == node);
+        let by_address = awaiting.get(&rep.address).is_some_and(|n| *n == node);
+        if !(by_op || by_address) || rep.service != service {
             continue;
         }
         match rep.phase() {
             pb::InstancePhase::Serving => {
                 register(shared, service, &rep.address, &rep.version, &node, weight_of(&rep.version, &node))?;
                 pending.remove(&rep.op_id);
-                awaiting.retain(|a| *a != rep.address);
+                awaiting.remove(&rep.address);
             }
             pb::InstancePhase::Failed | pb::InstancePhase::Crashed => {
                 return Err(format!(
@@ -561,10 +581,25 @@ async fn start(
                 )
                 .into());
             }
+            pb::InstancePhase::Starting if by_op && !rep.address.is_empty() => {
+                pending.remove(&rep.op_id);
+                awaiting.insert(rep.address.clone(), node);
+            }
             _ => {}
         }
     }
     Ok(())
+}
+
+/// An operation that could not be sent to `node`: the step is interrupted when the node
+/// has had an agent (it is reconnecting: observe again once it is back), and fails when
+/// it never had one.
+fn reconnecting(shared: &Shared, node: &str, e: String) -> StepError {
+    if shared.nodes().contains_key(node) {
+        StepError::Interrupted(e)
+    } else {
+        StepError::Failed(e)
+    }
 }
 
 fn register(
@@ -616,14 +651,16 @@ async fn stop(
         let mut reports = shared.reports.subscribe();
         let sessions = sessions(shared);
         let op_id = format!("stop-{service}-{address}");
-        shared.send_op(
-            node,
-            Msg::Stop(pb::StopInstance {
-                op_id: op_id.clone(),
-                service: service.to_owned(),
-                address: address.to_owned(),
-            }),
-        )?;
+        shared
+            .send_op(
+                node,
+                Msg::Stop(pb::StopInstance {
+                    op_id: op_id.clone(),
+                    service: service.to_owned(),
+                    address: address.to_owned(),
+                }),
+            )
+            .map_err(|e| reconnecting(shared, node, e))?;
         let until = Instant::now() + deadline + GRACE + Duration::from_secs(10);
         loop {
             let wait = until.saturating_duration_since(Instant::now());

@@ -195,12 +195,29 @@ impl Shared {
         lock(&self.instances).clone()
     }
 
-    /// Sends an instance operation to `node`'s agent.
+    /// Sends an instance operation to `node`'s agent, through the session in force only:
+    /// between a new session's hello and its operation channel, the channel held is the
+    /// previous session's, and what went there would be lost unseen.
     pub fn send_op(&self, node: &str, msg: pb::coordinator_message::Msg) -> Result<(), String> {
-        let tx = lock(&self.ops).get(node).map(|(_, tx)| tx.clone());
-        let Some(tx) = tx else { return Err(format!("node {node} has no agent connected")) };
+        let current = lock(&self.nodes).get(node).filter(|n| n.connected).map(|n| n.session);
+        let Some(current) = current else { return Err(format!("node {node} has no agent connected")) };
+        let tx = lock(&self.ops).get(node).filter(|(s, _)| *s == current).map(|(_, tx)| tx.clone());
+        let Some(tx) = tx else { return Err(format!("node {node}: its agent is still opening its session")) };
         tx.try_send(pb::CoordinatorMessage { msg: Some(msg) })
             .map_err(|e| format!("node {node}: the operation could not be queued ({e})"))
+    }
+
+    /// Ends the session in force of `node` (its operation channel closes, and with it the
+    /// stream to the agent), so that its agent dials again and says hello with what it
+    /// runs now. For reports that were owed on a session that ended: the hello an agent
+    /// sent when it reconnected may list an instance as starting that turned healthy
+    /// before the new session took over its reports. Returns false when no session is open.
+    pub fn resync(&self, node: &str) -> bool {
+        let ended = lock(&self.ops).remove(node);
+        if let Some((session, _)) = &ended {
+            warn!(%node, session, "asking the agent to reconnect and report what it runs: reports it owed never came");
+        }
+        ended.is_some()
     }
 
     /// Registers the operation channel of `session` of `node`.

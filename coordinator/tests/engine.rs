@@ -1,0 +1,56 @@
+//! The rollout engine against an in-memory fleet (see `fleet`): what it does when an
+//! agent's reports go missing, come late or come from elsewhere.
+
+mod fleet;
+
+use std::time::Duration;
+
+use fleet::{architecture, coordinator, push, registered, wait_end, Agent, OnStart, Scratch};
+
+const NODES: [&str; 2] = ["node-a", "node-b"];
+
+/// A coordinator with one fake agent per node, `web` v1 deployed (one instance each).
+async fn deployed(
+    name: &str,
+    health_timeout: Duration,
+) -> (Scratch, std::sync::Arc<hitless_coordinator::server::Shared>, Vec<Agent>) {
+    let dir = Scratch::new(name);
+    let shared = coordinator(&dir.0, health_timeout);
+    let agents: Vec<Agent> = NODES.iter().enumerate().map(|(i, n)| Agent::start(&shared, n, 180 + i as u8)).collect();
+    push(&shared, &architecture("v1", &NODES, 1), "straight");
+    let (state, log) = wait_end(&shared, Duration::from_secs(10)).await;
+    assert_eq!(state, "done", "first deploy: {log:?}");
+    (dir, shared, agents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_report_lost_with_its_session_does_not_fail_the_rollout() {
+    let (_dir, shared, agents) = deployed("lost-serving", Duration::from_secs(1)).await;
+    // node-a's next instance comes up, but the report that says so is lost: the
+    // agent's hello listed it starting, and its serving report went to the session
+    // that ended (a coordinator restarted while it started). Only a new hello tells.
+    agents[0].state.lock().expect("state").on_start.push(OnStart::LoseServing);
+    push(&shared, &architecture("v2", &NODES, 1), "rolling");
+    let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
+    assert_eq!(state, "done", "a lost report must not fail the step: {log:?}");
+    let serving: Vec<_> = registered(&shared).into_iter().filter(|i| i.1 == "serving").collect();
+    assert_eq!(serving.len(), 2, "{serving:?}");
+    assert!(serving.iter().all(|i| i.2 == "v2"), "{serving:?}");
+    assert!(agents[0].state.lock().expect("state").sessions >= 2, "the agent was asked to say hello again");
+    let running: usize = agents.iter().map(|a| a.addresses().len()).sum();
+    assert_eq!(running, 2, "nothing started twice or left running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_reported_starting_counts_as_serving_under_any_operation() {
+    let (_dir, shared, agents) = deployed("no-op-id", Duration::from_secs(1)).await;
+    // Starting under the step's operation, serving under none (the agent that reports
+    // it adopted it): the step goes on at once, without waiting for a resync.
+    agents[1].state.lock().expect("state").on_start.push(OnStart::ServeWithoutOp);
+    let started = std::time::Instant::now();
+    push(&shared, &architecture("v2", &NODES, 1), "rolling");
+    let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
+    assert_eq!(state, "done", "{log:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "no wait for a report by operation: {log:?}");
+    assert_eq!(agents[1].state.lock().expect("state").sessions, 1, "no resync was needed");
+}
