@@ -249,3 +249,63 @@ fn an_idle_agent_reads_no_counters() {
     turns(&mut w, Duration::from_millis(500));
     assert_eq!(reads(&w) - r2, 0, "idle again: no counter read");
 }
+
+/// Issue 13.2, coordinator mode: what a session awaits ([`FailureWatch::ready`] in its
+/// `tokio::select!`) does not wake while nothing fails, wakes on a failed connect
+/// (also one made before the session's first look, issue 12), and wakes again when the
+/// isolated backend is due back; each look reads the failing backend's counters only.
+#[test]
+fn a_session_wakes_on_failures_and_deadlines_only() {
+    use hitless_agent::outlier::FailureWatch;
+
+    let mut node = Node::new("outlier-watch");
+    let good = "127.139.5.1:8080";
+    let bad = "127.139.5.2:8080";
+    let vip = "127.76.5.1:8080";
+    let _srv = serve(None, &[good], &[]);
+    let text = format!(
+        "services:\n  - name: cart\n    vips: [\"{vip}\"]\n    backends: [{{ address: \"{good}\" }}, {{ address: \"{bad}\" }}]\n"
+    );
+    node.write_registry(&text);
+    node.start_agent();
+    node.kill_agent();
+    let wanted =
+        hitless_agent::desired::from_registry(&hitless_agent::registry::Registry::parse(&text).expect("registry"));
+    let bad_ep = hitless_agent::abi::Endpoint::new(bad.parse().expect("addr"), hitless_agent::abi::PROTO_TCP);
+    let mut writer = Writer::new(Maps::open(&node.pin_dir).expect("maps")).expect("writer");
+    let mut outliers = Outliers::new(2, Duration::from_secs(1));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let quiet = |ms| Duration::from_millis(ms);
+        let mut fw = FailureWatch::open(writer.maps().pin_dir(), quiet(50)).expect("failure signals");
+        let revision = writer.maps().revision().expect("revision") + 1;
+        writer.apply(&outliers.overlay(&wanted), revision).expect("first apply");
+        let r0 = writer.maps().stats_reads();
+        assert!(tokio::time::timeout(quiet(500), fw.ready(outliers.next_deadline())).await.is_err(), "woke while idle");
+        let ok = connects(Some(&node.cgroup), good, 20);
+        assert_eq!(ok.ok, 20, "{ok:?}");
+        assert!(tokio::time::timeout(quiet(300), fw.ready(None)).await.is_err(), "woke on successful connects");
+        assert_eq!(writer.maps().stats_reads(), r0);
+
+        // Failures (before any look of this session): a wake, one read, isolated.
+        let s = connects(Some(&node.cgroup), vip, 40);
+        assert!(s.failed >= 2, "{s:?}");
+        tokio::time::timeout(quiet(1000), fw.ready(outliers.next_deadline())).await.expect("no wake on failures");
+        assert!(fw.look(&mut outliers, writer.maps(), &wanted, Instant::now()), "not isolated");
+        let isolated_at = Instant::now();
+        assert_eq!(writer.maps().stats_reads() - r0, 1);
+        assert_eq!(outliers.isolated().into_iter().collect::<Vec<_>>(), vec![bad_ep]);
+        writer.apply(&outliers.overlay(&wanted), revision).expect("isolating apply");
+        let s = connects(Some(&node.cgroup), vip, 100);
+        assert_eq!((s.ok, s.failed), (100, 0), "{s:?}");
+
+        // The next wake is the deadline, and the look gives the backend traffic back.
+        fw.ready(outliers.next_deadline()).await;
+        assert!(isolated_at.elapsed() >= quiet(950), "woke early: {:?}", isolated_at.elapsed());
+        assert!(fw.look(&mut outliers, writer.maps(), &wanted, Instant::now()), "did not return");
+        assert!(outliers.isolated().is_empty());
+        assert_eq!(outliers.next_deadline(), None);
+        assert_eq!(writer.maps().stats_reads() - r0, 2, "the return reads the returning backend only");
+        assert!(tokio::time::timeout(quiet(300), fw.ready(None)).await.is_err(), "woke while idle again");
+    });
+}
