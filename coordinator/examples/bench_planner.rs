@@ -25,6 +25,8 @@ fn architecture(services: usize, version: &str) -> Architecture {
             version: version.to_owned(),
             port: 10_000 + u16::try_from(i).unwrap_or(0),
             vips: Vec::new(),
+            protocol: None,
+            policy: None,
             run: RunSpec { command: vec!["./svc".into()], env: BTreeMap::new() },
             health: None,
             prestop: None,

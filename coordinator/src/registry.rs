@@ -96,6 +96,11 @@ impl RegistryState {
         self.revision
     }
 
+    /// The registry's service `name`.
+    pub fn service(&self, name: &str) -> Option<&pb::Service> {
+        self.services.get(name)
+    }
+
     /// An instance.
     pub fn instance(&self, key: &Key) -> Option<&pb::Instance> {
         self.instances.get(key)

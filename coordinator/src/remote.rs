@@ -603,6 +603,23 @@ fn state_name(s: pb::InstanceState) -> &'static str {
     }
 }
 
+/// A service's protocol as registry files spell it.
+fn protocol_name(p: pb::Protocol) -> &'static str {
+    match p {
+        pb::Protocol::Tcp => "tcp",
+        pb::Protocol::Udp => "udp",
+    }
+}
+
+/// A service's direct-connect policy as registry files spell it.
+fn policy_name(p: pb::Policy) -> &'static str {
+    match p {
+        pb::Policy::Steer => "steer",
+        pb::Policy::Reject => "reject",
+        pb::Policy::Allow => "allow",
+    }
+}
+
 fn print_list(s: &pb::Snapshot, json: bool) {
     if json {
         let services: Vec<serde_json::Value> = s
@@ -620,7 +637,10 @@ fn print_list(s: &pb::Snapshot, json: bool) {
                         })
                     })
                     .collect();
-                serde_json::json!({ "name": svc.name, "vips": svc.vips, "instances": instances })
+                serde_json::json!({
+                    "name": svc.name, "vips": svc.vips, "protocol": protocol_name(svc.protocol()),
+                    "policy": policy_name(svc.policy()), "instances": instances,
+                })
             })
             .collect();
         println!("{}", serde_json::json!({ "revision": s.revision, "services": services }));
@@ -629,9 +649,13 @@ fn print_list(s: &pb::Snapshot, json: bool) {
     println!("registry revision {}", s.revision);
     println!("{:<16} {:<24} {:<10} {:>7} {:<10} {:<12}", "SERVICE", "ADDRESS", "STATE", "WEIGHT", "VERSION", "NODE");
     for svc in &s.services {
-        if !svc.vips.is_empty() {
-            println!("{:<16} VIPs {}", svc.name, svc.vips.join(", "));
-        }
+        let vips = if svc.vips.is_empty() { "none".to_owned() } else { svc.vips.join(", ") };
+        println!(
+            "{:<16} VIPs {vips}; {}, policy {}",
+            svc.name,
+            protocol_name(svc.protocol()),
+            policy_name(svc.policy())
+        );
         for i in s.instances.iter().filter(|i| i.service == svc.name) {
             println!(
                 "{:<16} {:<24} {:<10} {:>7} {:<10} {:<12}",

@@ -54,3 +54,37 @@ async fn an_instance_reported_starting_counts_as_serving_under_any_operation() {
     assert!(started.elapsed() < Duration::from_secs(3), "no wait for a report by operation: {log:?}");
     assert_eq!(agents[1].state.lock().expect("state").sessions, 1, "no resync was needed");
 }
+
+/// The registry's service `web`: (protocol, policy).
+fn web_service(shared: &hitless_coordinator::server::Shared) -> (i32, i32) {
+    let snap = shared.snapshot();
+    let s = snap.services.iter().find(|s| s.name == "web").expect("service web");
+    (s.protocol, s.policy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_keeps_the_policy_registry_apply_set_unless_the_architecture_names_one() {
+    use hitless_proto::v1 as pb;
+    let dir = Scratch::new("policy");
+    let shared = coordinator(&dir.0, Duration::from_secs(1));
+    let _agents: Vec<Agent> = NODES.iter().enumerate().map(|(i, n)| Agent::start(&shared, n, 182 + i as u8)).collect();
+    let reg = hitless_model::registry::Registry::parse(
+        "services:\n  - name: web\n    vips: [\"127.77.90.1:8080\"]\n    policy: reject\n    backends: []\n",
+    )
+    .expect("registry file");
+    shared.mutate(|s| Ok(s.apply(&reg))).expect("registry apply");
+    let reject = (pb::Protocol::Tcp as i32, pb::Policy::Reject as i32);
+    assert_eq!(web_service(&shared), reject);
+    for (version, strategy) in [("v1", "straight"), ("v2", "rolling")] {
+        push(&shared, &architecture(version, &NODES, 1), strategy);
+        let (state, log) = wait_end(&shared, Duration::from_secs(20)).await;
+        assert_eq!(state, "done", "{log:?}");
+        assert_eq!(web_service(&shared), reject, "{version}: the rollout kept the policy registry apply set");
+    }
+    // An architecture that names a policy sets it; the protocol it does not name stays.
+    let allow = architecture("v3", &NODES, 1).replace("    drain_deadline", "    policy: allow\n    drain_deadline");
+    push(&shared, &allow, "rolling");
+    let (state, log) = wait_end(&shared, Duration::from_secs(20)).await;
+    assert_eq!(state, "done", "{log:?}");
+    assert_eq!(web_service(&shared), (pb::Protocol::Tcp as i32, pb::Policy::Allow as i32));
+}

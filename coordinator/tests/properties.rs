@@ -75,6 +75,8 @@ fn service(i: usize, version: u8, placement: &[u32], deps: Vec<String>) -> Servi
         version: format!("v{version}"),
         port: 8000 + u16::try_from(i).unwrap(),
         vips: Vec::new(),
+        protocol: None,
+        policy: None,
         run: RunSpec { command: vec!["./svc".into()], env: BTreeMap::new() },
         health: None,
         prestop: None,

@@ -7,6 +7,8 @@
 //!     version: v2
 //!     port: 8080
 //!     vips: ["127.77.0.1:8080"]
+//!     protocol: tcp                       # tcp | udp; optional (a new service: tcp)
+//!     policy: steer                       # steer | reject | allow; optional (a new service: steer)
 //!     run: { command: ["./cart", "--listen", "{address}:{port}"], env: { MODE: fast } }
 //!     health: { http: /healthz }          # or { tcp: true } or { exec: [argv...] }
 //!     prestop: { http: /drain }           # or { exec: [argv...] }; optional
@@ -25,6 +27,7 @@ use serde_yaml::{Mapping, Value};
 use crate::decode::{field, Decoder};
 use crate::duration::Duration;
 use crate::error::{FieldError, ModelError};
+use crate::registry::{choice, Policy, Protocol, POLICIES, PROTOCOLS};
 use crate::validate;
 
 /// Largest number of instances of one service on one node; larger is a typo.
@@ -55,6 +58,14 @@ pub struct Service {
     /// Addresses clients dial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<SocketAddr>,
+    /// Transport of the VIPs; `None`: the registry's (TCP for a new service). A rollout
+    /// sets it only when the file names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// What a direct connect to a draining or down instance does; `None`: the registry's
+    /// (steer for a new service), so a rollout keeps what `registry apply` set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
     /// How to start an instance.
     pub run: RunSpec,
     /// How to tell an instance is ready.
@@ -86,6 +97,8 @@ impl Service {
             version: String::new(),
             port: 0,
             vips: Vec::new(),
+            protocol: None,
+            policy: None,
             run: RunSpec { command: Vec::new(), env: BTreeMap::new() },
             health: None,
             prestop: None,
@@ -141,6 +154,8 @@ const SERVICE_FIELDS: &[&str] = &[
     "version",
     "port",
     "vips",
+    "protocol",
+    "policy",
     "run",
     "health",
     "prestop",
@@ -224,6 +239,8 @@ fn decode_service(d: &mut Decoder, at: &str, v: &Value) -> Option<Service> {
     let version = d.required(at, m, "version", "v1").and_then(|v| d.string(&field(at, "version"), v, "v1"));
     let port = d.required(at, m, "port", "8080").and_then(|v| decode_port(d, &field(at, "port"), v));
     let vips = opt(m, "vips").map_or(Some(Vec::new()), |v| decode_vips(d, &field(at, "vips"), v));
+    let protocol = opt(m, "protocol").map_or(Some(None), |v| choice(d, &field(at, "protocol"), v, PROTOCOLS).map(Some));
+    let policy = opt(m, "policy").map_or(Some(None), |v| choice(d, &field(at, "policy"), v, POLICIES).map(Some));
     let run = d.required(at, m, "run", "{ command: [./cart] }").and_then(|v| decode_run(d, &field(at, "run"), v));
     let health = opt(m, "health").map_or(Some(None), |v| decode_health(d, &field(at, "health"), v).map(Some));
     let prestop = opt(m, "prestop").map_or(Some(None), |v| decode_prestop(d, &field(at, "prestop"), v).map(Some));
@@ -242,6 +259,8 @@ fn decode_service(d: &mut Decoder, at: &str, v: &Value) -> Option<Service> {
         version: version.unwrap_or_default(),
         port: port.unwrap_or(0),
         vips: vips.unwrap_or_default(),
+        protocol: protocol.unwrap_or_default(),
+        policy: policy.unwrap_or_default(),
         run: run.unwrap_or(RunSpec { command: Vec::new(), env: BTreeMap::new() }),
         health: health.unwrap_or_default(),
         prestop: prestop.unwrap_or_default(),

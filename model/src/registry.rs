@@ -26,7 +26,8 @@ use crate::error::{FieldError, ModelError, Quoted};
 pub const MAX_WEIGHT: u64 = 1_000_000;
 
 /// What a direct connect to a draining or down backend does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Steer it to a serving sibling of the same service.
     #[default]
@@ -38,7 +39,8 @@ pub enum Policy {
 }
 
 /// Transport of a service's VIPs and backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP (the default).
     #[default]
@@ -180,16 +182,11 @@ fn service(d: &mut Decoder, check: &mut Checks, at: &str, index: usize, v: &Valu
     }
     let protocol = match m.get("protocol") {
         None => Some(Protocol::Tcp),
-        Some(v) => choice(d, &field(at, "protocol"), v, &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)]),
+        Some(v) => choice(d, &field(at, "protocol"), v, PROTOCOLS),
     };
     let policy = match m.get("policy") {
         None => Some(Policy::Steer),
-        Some(v) => choice(
-            d,
-            &field(at, "policy"),
-            v,
-            &[("steer", Policy::Steer), ("reject", Policy::Reject), ("allow", Policy::Allow)],
-        ),
+        Some(v) => choice(d, &field(at, "policy"), v, POLICIES),
     };
     let proto = protocol.unwrap_or_default();
 
@@ -256,7 +253,14 @@ fn backend(d: &mut Decoder, check: &mut Checks, at: &str, proto: Protocol, v: &V
 }
 
 /// One of a fixed set of words.
-fn choice<T: Copy>(d: &mut Decoder, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
+/// The values of a service's `protocol`, as files spell them.
+pub(crate) const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
+/// The values of a service's `policy`, as files spell them.
+pub(crate) const POLICIES: &[(&str, Policy)] =
+    &[("steer", Policy::Steer), ("reject", Policy::Reject), ("allow", Policy::Allow)];
+
+/// One of `options` by its name; an unknown one is reported with the closest name.
+pub(crate) fn choice<T: Copy>(d: &mut Decoder, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
     let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
     let text = d.string(path, v, names[0])?;
     if let Some((_, t)) = options.iter().find(|(n, _)| *n == text) {

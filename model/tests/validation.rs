@@ -247,3 +247,18 @@ fn a_huge_value_is_quoted_by_its_start_and_length_not_whole() {
     assert!(p.len() < 1000, "the error is short: {} bytes", p.len());
     assert!(p.contains("unknown field `kkkk") && p.contains('…'), "the key is shortened: {p}");
 }
+
+#[test]
+fn protocol_and_policy_are_optional_and_checked() {
+    use hitless_model::registry::{Policy, Protocol};
+    let arch = Architecture::parse(GOOD).expect("good");
+    assert!(arch.services.iter().all(|s| s.protocol.is_none() && s.policy.is_none()), "absent: the registry's");
+    let named = good_with("    drain_deadline: 30s", "    protocol: udp\n    policy: reject\n    drain_deadline: 30s");
+    let arch = Architecture::parse(&named).expect("named");
+    let cart = arch.service("cart").expect("cart");
+    assert_eq!((cart.protocol, cart.policy), (Some(Protocol::Udp), Some(Policy::Reject)));
+    assert_eq!(Architecture::parse(&arch.to_yaml()).expect("round trip"), arch);
+    let bad = good_with("    drain_deadline: 30s", "    protocol: sctp\n    policy: rejct\n    drain_deadline: 30s");
+    assert_problem(&bad, "services[1].protocol", &["sctp", "tcp, udp"]);
+    assert_problem(&bad, "services[1].policy", &["rejct", "reject"]);
+}

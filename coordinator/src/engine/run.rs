@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hitless_model::registry::{Policy, Protocol};
 use hitless_model::{Architecture, Health, InstanceState, PreStop};
 use hitless_proto::v1::{self as pb, coordinator_message::Msg};
 use tokio::sync::broadcast::error::RecvError;
@@ -390,16 +391,33 @@ async fn applied_everywhere(shared: &Shared, revision: u64, address: &str) -> Re
     }
 }
 
-/// The registry carries every target service with its VIPs.
+/// The registry carries every target service with its VIPs. A new service gets the
+/// protocol and policy the architecture names (TCP and steer when it names none); an
+/// existing one keeps what the registry holds (`registry apply` may have set it) unless
+/// the architecture names another.
 fn ensure_services(shared: &Shared, arch: &Architecture) -> Result<(), String> {
     for s in &arch.services {
-        let svc = pb::Service {
-            name: s.name.clone(),
-            vips: s.vips.iter().map(ToString::to_string).collect(),
-            protocol: pb::Protocol::Tcp as i32,
-            policy: pb::Policy::Steer as i32,
-        };
-        shared.mutate(|st| Ok(st.upsert_service(&svc))).map_err(|e| e.message().to_owned())?;
+        shared
+            .mutate(|st| {
+                let held = st.service(&s.name);
+                let svc = pb::Service {
+                    name: s.name.clone(),
+                    vips: s.vips.iter().map(ToString::to_string).collect(),
+                    protocol: match s.protocol {
+                        Some(Protocol::Tcp) => pb::Protocol::Tcp as i32,
+                        Some(Protocol::Udp) => pb::Protocol::Udp as i32,
+                        None => held.map_or(pb::Protocol::Tcp as i32, |h| h.protocol),
+                    },
+                    policy: match s.policy {
+                        Some(Policy::Steer) => pb::Policy::Steer as i32,
+                        Some(Policy::Reject) => pb::Policy::Reject as i32,
+                        Some(Policy::Allow) => pb::Policy::Allow as i32,
+                        None => held.map_or(pb::Policy::Steer as i32, |h| h.policy),
+                    },
+                };
+                Ok(st.upsert_service(&svc))
+            })
+            .map_err(|e| e.message().to_owned())?;
     }
     Ok(())
 }
