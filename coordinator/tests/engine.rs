@@ -88,3 +88,32 @@ async fn a_rollout_keeps_the_policy_registry_apply_set_unless_the_architecture_n
     assert_eq!(state, "done", "{log:?}");
     assert_eq!(web_service(&shared), (pb::Protocol::Tcp as i32, pb::Policy::Allow as i32));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_for_the_report_of_its_own_node_and_operation() {
+    let (_dir, shared, agents) = deployed("late-stop", Duration::from_secs(1)).await;
+    agents[0].state.lock().expect("state").hold_stops = true;
+    push(&shared, &architecture("v2", &NODES, 1), "rolling");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let op = loop {
+        if let Some(op) = agents[0].state.lock().expect("state").held.first().cloned() {
+            break op;
+        }
+        assert!(std::time::Instant::now() < deadline, "node-a was never asked to stop an instance");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Late reports on the same address: another node's (an earlier instance that had
+    // the address), and this node's under another operation (an earlier stop).
+    shared.instance_report("node-b", fleet::stopped(&op.address, &op.op_id));
+    shared.instance_report("node-a", fleet::stopped(&op.address, "stop-web-an-earlier-one"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = registered(&shared);
+    let state = listed.iter().find(|i| i.0 == op.address).map(|i| i.1.clone());
+    assert_eq!(state.as_deref(), Some("draining"), "the stop still waits for its own report: {listed:?}");
+    // Its own report: the rollout goes on.
+    agents[0].state.lock().expect("state").running.remove(&op.address);
+    shared.instance_report("node-a", fleet::stopped(&op.address, &op.op_id));
+    agents[0].state.lock().expect("state").hold_stops = false;
+    let (state, log) = wait_end(&shared, Duration::from_secs(20)).await;
+    assert_eq!(state, "done", "{log:?}");
+}

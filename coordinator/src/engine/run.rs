@@ -668,7 +668,10 @@ async fn stop(
     if let Some(node) = node {
         let mut reports = shared.reports.subscribe();
         let sessions = sessions(shared);
-        let op_id = format!("stop-{service}-{address}");
+        // Unique per stop of an address (the registry revision only grows, also across
+        // coordinator restarts): a late report of an earlier stop of a reused address
+        // names another operation. A retried stop at the same revision is the same stop.
+        let op_id = format!("stop-{service}-{address}-r{}", shared.revision());
         shared
             .send_op(
                 node,
@@ -686,7 +689,8 @@ async fn stop(
                 return Err(format!("instance {address} of {service} on node {node} did not stop in time").into());
             }
             match tokio::time::timeout(wait.min(SESSION_CHECK), reports.recv()).await {
-                Ok(Ok((_, rep))) if rep.address == address && rep.service == service => match rep.phase() {
+                // Only the stop's own report: the node sent it, under its operation.
+                Ok(Ok((from, rep))) if from == node && rep.op_id == op_id => match rep.phase() {
                     pb::InstancePhase::Stopped | pb::InstancePhase::Crashed => {
                         info!(%service, %address, %node, report = %rep.detail, "instance stopped");
                         detail = match &handshakes {

@@ -86,6 +86,10 @@ pub struct AgentState {
     pub on_start: Vec<OnStart>,
     /// Sessions opened so far.
     pub sessions: u32,
+    /// Keep stops without carrying them out (the test answers them from `held`).
+    pub hold_stops: bool,
+    /// Stops held.
+    pub held: Vec<pb::StopInstance>,
     /// Last octet of the next address.
     next: u8,
 }
@@ -183,6 +187,9 @@ async fn session(shared: &Arc<Shared>, node: &str, net: u8, st: &Arc<Mutex<Agent
                         shared.instance_report(node, report(&spec.service, &spec.version, &address, pb::InstancePhase::Serving, op_id));
                     }
                 }
+                Some(Msg::Stop(op)) if st.lock().expect("state").hold_stops => {
+                    st.lock().expect("state").held.push(op);
+                }
                 Some(Msg::Stop(op)) => {
                     let gone = st.lock().expect("state").running.remove(&op.address);
                     let version = gone.map(|r| r.version).unwrap_or_default();
@@ -250,4 +257,9 @@ pub fn registered(shared: &Shared) -> Vec<(String, String, String)> {
             (i.address.clone(), state.to_owned(), i.version.clone())
         })
         .collect()
+}
+
+/// A `Stopped` report of `address` of `web` under `op_id`.
+pub fn stopped(address: &str, op_id: &str) -> pb::InstanceReport {
+    report("web", "v1", address, pb::InstancePhase::Stopped, op_id)
 }
