@@ -243,6 +243,7 @@ async fn session_inner(
         node: node.to_owned(),
         applied_revision: writer.maps().revision()?,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        snapshot_parts: true,
         instances: site
             .driver
             .as_ref()
@@ -265,6 +266,8 @@ async fn session_inner(
         }
     }
     let mut mirror: Option<Mirror> = None;
+    // A snapshot arriving in parts, until its last part.
+    let mut parts = Parts::default();
     let mut wanted: Vec<desired::DesiredService> = Vec::new();
     // Handshakes in flight to the backends the last revision took out of service.
     let mut watch: Option<crate::inflight::Watch> = None;
@@ -306,6 +309,10 @@ async fn session_inner(
         };
         let next = match msg.msg {
             Some(coordinator_message::Msg::Snapshot(s)) => Mirror::from_snapshot(s),
+            Some(coordinator_message::Msg::SnapshotPart(p)) => match parts.add(p) {
+                Some(s) => Mirror::from_snapshot(s),
+                None => continue,
+            },
             Some(coordinator_message::Msg::Delta(d)) => {
                 let mut m = mirror.take().unwrap_or_default();
                 m.apply_delta(d)?;
@@ -349,6 +356,32 @@ async fn session_inner(
         mirror = Some(next);
     }
     Err(LinkError::Closed)
+}
+
+/// A snapshot sent in parts ([`pb::SnapshotPart`]), assembled until its last part.
+/// The mirror in force is kept meanwhile: a session that ends mid-way leaves it whole.
+#[derive(Debug, Default)]
+struct Parts(Option<pb::Snapshot>);
+
+impl Parts {
+    /// Adds a part; returns the whole snapshot with its last part. A part of another
+    /// revision than the ones before starts over (the coordinator never interleaves
+    /// two snapshots; this only keeps a mix from ever being applied).
+    fn add(&mut self, p: pb::SnapshotPart) -> Option<pb::Snapshot> {
+        let part = p.part.unwrap_or_default();
+        match &mut self.0 {
+            Some(s) if s.revision == part.revision => {
+                s.services.extend(part.services);
+                s.instances.extend(part.instances);
+            }
+            slot => *slot = Some(part),
+        }
+        if p.last {
+            self.0.take()
+        } else {
+            None
+        }
+    }
 }
 
 /// Aborts a task when the session ends.
@@ -596,6 +629,27 @@ mod tests {
         assert_eq!(reg.services[0].backends[0].state, BackendState::Draining);
         let err = m.apply_delta(pb::Delta { base_revision: 9, revision: 10, ..Default::default() }).unwrap_err();
         assert!(matches!(err, LinkError::OutOfSync { base: 9, have: 4 }));
+    }
+
+    #[test]
+    fn snapshot_parts_assemble_in_order_and_a_new_revision_starts_over() {
+        let part = |rev: u64, addr: &str, last: bool| pb::SnapshotPart {
+            part: Some(pb::Snapshot {
+                revision: rev,
+                services: vec![],
+                instances: vec![inst("cart", addr, pb::InstanceState::Serving)],
+            }),
+            last,
+        };
+        let mut p = Parts::default();
+        assert!(p.add(part(5, "127.0.1.1:80", false)).is_none());
+        // A part of another revision: what came before is dropped.
+        assert!(p.add(part(6, "127.0.1.2:80", false)).is_none());
+        let s = p.add(part(6, "127.0.1.3:80", true)).expect("whole at the last part");
+        assert_eq!(s.revision, 6);
+        let addrs: Vec<&str> = s.instances.iter().map(|i| i.address.as_str()).collect();
+        assert_eq!(addrs, ["127.0.1.2:80", "127.0.1.3:80"]);
+        assert!(p.0.is_none(), "nothing kept after the last part");
     }
 
     #[test]

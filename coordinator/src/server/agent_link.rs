@@ -1,11 +1,17 @@
 //! The `AgentLink` service: one session per agent. The agent says hello with the
 //! revision its maps hold; the coordinator sends a snapshot, then a delta for every
 //! change; the agent acks each revision once its maps hold it.
+//!
+//! A snapshot (or delta) larger than [`PART_BYTES`] goes to an agent that can assemble
+//! parts (`Hello.snapshot_parts`) as a snapshot in [`pb::SnapshotPart`]s, so no message
+//! comes near a client's 4 MiB decode limit however large the registry. Older agents
+//! get one message, as before.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use hitless_proto::v1::{self as pb, agent_link_server, agent_message, coordinator_message};
+use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -53,21 +59,30 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         // Outbound: a snapshot first (the agent builds its mirror from it), then the
         // difference to each newer registry. Coalesces bursts: an agent always gets
         // the latest state, never a queue of stale ones.
+        let parts = hello.snapshot_parts;
         let mut published = self.shared.published.subscribe();
         tokio::spawn(async move {
             let mut last: Option<Arc<pb::Snapshot>> = None;
             loop {
                 let now = published.borrow_and_update().clone();
                 let msg = match &last {
+                    None if parts && now.encoded_len() > PART_BYTES => None,
                     None => Some(coordinator_message::Msg::Snapshot((*now).clone())),
                     Some(prev) if prev.revision == now.revision => None,
-                    Some(prev) => Some(coordinator_message::Msg::Delta(delta(prev, &now))),
+                    Some(prev) => match delta(prev, &now) {
+                        d if parts && d.encoded_len() > PART_BYTES => None,
+                        d => Some(coordinator_message::Msg::Delta(d)),
+                    },
                 };
-                if let Some(msg) = msg {
-                    if tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) })).await.is_err() {
-                        break;
-                    }
-                    last = Some(now);
+                let sent = match msg {
+                    Some(msg) => Some(tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) })).await.is_ok()),
+                    None if last.as_ref().is_some_and(|p| p.revision == now.revision) => None,
+                    None => Some(send_parts(&tx, &now).await),
+                };
+                match sent {
+                    Some(false) => break,
+                    Some(true) => last = Some(now),
+                    None => {}
                 }
                 // Instance operations go out between registry updates, in order.
                 tokio::select! {
@@ -94,5 +109,127 @@ impl agent_link_server::AgentLink for AgentLinkApi {
             shared.disconnect(&node, session);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Largest snapshot or delta sent as one message to an agent that assembles parts;
+/// also the size of each part. A quarter of the 4 MiB decode limit, so a part stays
+/// far below it whatever the framing adds.
+pub const PART_BYTES: usize = 1 << 20;
+
+/// The next part of `s` from `at` (services, then instances), of at most `max` encoded
+/// bytes but never empty; `None` once everything was cut.
+fn next_part(s: &pb::Snapshot, at: &mut (usize, usize), max: usize) -> Option<pb::SnapshotPart> {
+    // Each entry costs its encoding plus a tag and a length prefix (at most 4 bytes
+    // below 2 MiB).
+    let mut part = pb::Snapshot { revision: s.revision, ..Default::default() };
+    let mut size = 0;
+    while let Some(svc) = s.services.get(at.0) {
+        let n = svc.encoded_len() + 4;
+        if size + n > max && size > 0 {
+            break;
+        }
+        size += n;
+        part.services.push(svc.clone());
+        at.0 += 1;
+    }
+    while let Some(i) = s.instances.get(at.1) {
+        let n = i.encoded_len() + 4;
+        if size + n > max && size > 0 {
+            break;
+        }
+        size += n;
+        part.instances.push(i.clone());
+        at.1 += 1;
+    }
+    if size == 0 {
+        return None;
+    }
+    let last = at.0 == s.services.len() && at.1 == s.instances.len();
+    Some(pb::SnapshotPart { part: Some(part), last })
+}
+
+/// Sends `s` as parts of at most [`PART_BYTES`], one after the other, each cut only
+/// when the channel has room (a slow agent holds at most the channel's worth, not a
+/// second copy of the registry). Returns false when the session is gone.
+async fn send_parts(tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>, s: &pb::Snapshot) -> bool {
+    let mut at = (0, 0);
+    loop {
+        let Ok(permit) = tx.reserve().await else { return false };
+        match next_part(s, &mut at, PART_BYTES) {
+            Some(p) => {
+                let last = p.last;
+                permit.send(Ok(pb::CoordinatorMessage { msg: Some(coordinator_message::Msg::SnapshotPart(p)) }));
+                if last {
+                    return true;
+                }
+            }
+            // An empty registry: one empty part, marked last.
+            None if at == (0, 0) => {
+                let part = pb::Snapshot { revision: s.revision, ..Default::default() };
+                let p = pb::SnapshotPart { part: Some(part), last: true };
+                permit.send(Ok(pb::CoordinatorMessage { msg: Some(coordinator_message::Msg::SnapshotPart(p)) }));
+                return true;
+            }
+            None => return true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(services: usize, per: usize) -> pb::Snapshot {
+        let mut s = pb::Snapshot { revision: 7, ..Default::default() };
+        for k in 0..services {
+            s.services.push(pb::Service {
+                name: format!("s{k}"),
+                vips: vec![format!("127.78.0.{k}:80")],
+                ..Default::default()
+            });
+            for j in 0..per {
+                s.instances.push(pb::Instance {
+                    service: format!("s{k}"),
+                    address: format!("127.112.{k}.{j}:80"),
+                    weight: 100,
+                    version: "v1".into(),
+                    ..Default::default()
+                });
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn parts_stay_under_the_bound_and_reassemble_to_the_snapshot() {
+        let s = snapshot(200, 50);
+        let max = 4096;
+        let mut at = (0, 0);
+        let mut whole = pb::Snapshot { revision: s.revision, ..Default::default() };
+        let mut n = 0;
+        while let Some(p) = next_part(&s, &mut at, max) {
+            let part = p.part.expect("a part");
+            assert!(part.encoded_len() <= max, "part {n} is {} bytes", part.encoded_len());
+            assert_eq!(part.revision, 7);
+            whole.services.extend(part.services);
+            whole.instances.extend(part.instances);
+            n += 1;
+            assert_eq!(p.last, next_part(&s, &mut at.clone(), max).is_none(), "only the final part is last");
+        }
+        assert!(n > 10, "{n} parts");
+        assert_eq!(whole, s);
+    }
+
+    #[tokio::test]
+    async fn an_empty_registry_is_one_empty_last_part() {
+        let (tx, mut rx) = mpsc::channel(4);
+        assert!(send_parts(&tx, &pb::Snapshot { revision: 3, ..Default::default() }).await);
+        drop(tx);
+        let m = rx.recv().await.expect("a message").expect("ok");
+        let Some(coordinator_message::Msg::SnapshotPart(p)) = m.msg else { panic!("{m:?}") };
+        assert!(p.last);
+        assert_eq!(p.part.map(|s| s.revision), Some(3));
+        assert!(rx.recv().await.is_none());
     }
 }
