@@ -10,8 +10,10 @@
 //! - `cargo xtask demo [-- ARGS]`: build in release mode and run `hitless demo` (as root).
 //! - `cargo xtask soak [--rollouts N] [--kills K] [--seed S]`: chaos at scale under nginx
 //!   and wrk; one line of totals at the end, exit 1 on any loss (as root).
-//! - `cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS]`: build in release mode and
-//!   run the benchmarks; each prints ratios against a baseline measured in the same run.
+//! - `cargo xtask bench [datapath|propagation|metrics|planner|scale|agent|all] [-- ARGS]`: build
+//!   in release mode and run the benchmarks; each prints ratios against a baseline measured in
+//!   the same run, or percentiles of many repetitions (`scale`: the coordinator with 100 to
+//!   10,000 simulated agents; `agent`: one agent's memory and CPU at 100 to 50,000 backends).
 //! - `cargo xtask image [--tag NAME] [--base IMAGE]`: build the release binaries and the
 //!   container image with buildah (`FROM scratch` by default: no registry), then check it.
 
@@ -23,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage: cargo xtask test [-- ARGS] | cargo xtask deps | cargo xtask ebpf [--check] | \
-                     cargo xtask demo [-- ARGS] | cargo xtask soak [--rollouts N] [--kills K] [--seed S] | cargo xtask bench [datapath|propagation|metrics|planner|all] [-- ARGS] | \
+                     cargo xtask demo [-- ARGS] | cargo xtask soak [--rollouts N] [--kills K] [--seed S] | cargo xtask bench [datapath|propagation|metrics|planner|scale|agent|all] [-- ARGS] | \
                      cargo xtask image [--tag NAME] [--base IMAGE]";
 
 fn main() -> ExitCode {
@@ -198,7 +200,7 @@ fn run(mut c: Command, what: &str) -> Result<(), String> {
 }
 
 fn bench(which: &str, rest: &[String]) -> Result<(), String> {
-    let known = ["datapath", "propagation", "metrics", "planner", "all"];
+    let known = ["datapath", "propagation", "metrics", "planner", "scale", "agent", "all"];
     if !known.contains(&which) {
         return Err(format!("unknown benchmark {which:?}; one of {}", known.join(", ")));
     }
@@ -236,7 +238,7 @@ fn run_benches(which: &str, rest: &[String]) -> Result<(), String> {
             .args(rest);
         run(c, "the planner benchmark")?;
     }
-    for kernel in ["datapath", "propagation", "metrics"] {
+    for kernel in ["datapath", "propagation", "metrics", "scale", "agent"] {
         if which == kernel || which == "all" {
             let mut c = cargo();
             c.args([

@@ -11,6 +11,13 @@
 //! per-backend connects, failures, latency histogram, open connections) attached and
 //! detached, against direct, in one run.
 //!
+//! `scale`: one real coordinator and 100 to 10,000 simulated agents (real sessions,
+//! no kernel): drain barrier latency, snapshot time and size of a large registry, and
+//! the coordinator's memory and CPU per agent (see `bench/scale.rs`).
+//!
+//! `agent`: one real agent in static and coordinator mode at 100 to 50,000 backends:
+//! RSS and CPU at rest and under churn (see `bench/agent.rs`).
+//!
 //! `datapath`: connect+close rate to a VIP through the steering hook (the counting
 //! program detached; `metrics` measures it) with 1, 1,000 and 10,000 services, against dialling the backend directly without the hook; then the same
 //! through iptables DNAT chains of 1, 1,000 and 10,000 rules (kube-proxy's iptables
@@ -21,6 +28,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 use hitless_tests::{bin, require_root, spawn_ready, Cgroup, Node};
+
+#[path = "../bench/mod.rs"]
+mod bench;
 
 const SINK: &str = "127.110.0.1:9000";
 const SIZES: [usize; 3] = [1, 1_000, 10_000];
@@ -34,7 +44,9 @@ fn main() -> anyhow::Result<()> {
         "datapath" => datapath(count, rounds),
         "propagation" => propagation(flag(&args, "--drains").unwrap_or(200)),
         "metrics" => metrics(count, rounds),
-        other => bail!("unknown benchmark {other:?}; known: datapath, propagation, metrics"),
+        "scale" => bench::scale::run(&args[1..]),
+        "agent" => bench::agent::run(&args[1..]),
+        other => bail!("unknown benchmark {other:?}; known: datapath, propagation, metrics, scale, agent"),
     }
 }
 
