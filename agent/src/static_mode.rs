@@ -205,6 +205,11 @@ impl<'a> Watcher<'a> {
         }
         if now >= self.next_stat {
             self.next_stat = now + self.poll;
+            // Slot tables retired by a swap a second ago or more (nothing to do mostly).
+            if let Err(e) = self.writer.trim_retired() {
+                self.metrics.error();
+                error!(error = %e, "retired slot tables not trimmed; the next apply retries");
+            }
             self.look_at_file();
         }
         if let Some(next) = self.unapplied.take_if(|_| Instant::now() >= self.retry_at) {

@@ -4,8 +4,11 @@
 //! which knows the safe order:
 //!
 //! 1. backends are written before any slot points to them;
-//! 2. a service's new slot table is written under the other generation, then the
-//!    service entry is swapped to it in one update, then the old generation goes;
+//! 2. a service's new slot table is written under the other generation (over the
+//!    table retired there by the swap before, in place), then the service entry is
+//!    swapped to it in one update; the old generation stays, retired, so that a reader
+//!    that read the service before the swap (or before two swaps) still finds a slot,
+//!    and is trimmed ~1 s after the service's last swap ([`RETIRE`]);
 //! 3. only then are backends marked draining or down (their slots are gone);
 //! 4. VIPs, services and backends that left are deleted last, when nothing refers
 //!    to them.
@@ -290,6 +293,15 @@ impl Maps {
     }
 }
 
+/// How long a retired slot table stays after its service's last swap. A reader (the
+/// steering program, which runs for microseconds) that read the service entry before a
+/// swap looks up a slot of the generation it read; the datapath tries twice, and a
+/// reader delayed across two swaps found the old generation deleted both times and
+/// refused the connect (issue 18.9). Retired tables stay, and the next swap overwrites
+/// them in place, so such a reader always finds a slot naming a backend (which it
+/// still checks is serving and of the service).
+pub const RETIRE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A service as the writer last wrote it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Written {
@@ -297,6 +309,38 @@ struct Written {
     /// Backend ids of the slots of the generation in force, per table.
     slots4: Vec<u32>,
     slots6: Vec<u32>,
+    /// Slot keys that may exist, per generation and table (v4, v6): slots `0..n`
+    /// (tables are written and trimmed as prefixes). Beyond the tables in force, these
+    /// are retired keys, trimmed [`RETIRE`] after `swapped_at`.
+    present: [[usize; 2]; 2],
+    /// The service's last swap, while it has retired keys.
+    swapped_at: Option<std::time::Instant>,
+}
+
+impl Written {
+    /// Keys of the tables in force, per table.
+    fn live(&self) -> [usize; 2] {
+        [self.slots4.len(), self.slots6.len()]
+    }
+
+    /// Slot keys that may exist, all generations.
+    fn keys(&self) -> usize {
+        self.present.iter().flatten().sum()
+    }
+
+    /// Retired keys (the keys beyond the tables in force).
+    fn retired(&self) -> usize {
+        self.keys().saturating_sub(self.live().iter().sum::<usize>())
+    }
+
+    fn gen(&self) -> usize {
+        (self.value.gen as usize).min(1)
+    }
+}
+
+/// Table index in [`Written::present`].
+fn table_index(table: u8) -> usize {
+    usize::from(table != abi::TABLE_V4)
 }
 
 /// Summary of one apply, for logs.
@@ -327,6 +371,9 @@ pub struct Writer {
     names: BTreeMap<u32, String>,
     next_backend: u32,
     report: ApplyReport,
+    /// Whether this apply keeps the tables it retires (see [`RETIRE`]); false only when
+    /// the slot map cannot hold them.
+    keep_retired: bool,
 }
 
 fn kernel(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> WriteError {
@@ -348,15 +395,26 @@ impl Writer {
             slot_entries.push(item.map_err(kernel("iterate", names::SLOTS))?);
         }
         slot_entries.sort_by_key(|(k, _)| *k);
+        let started = std::time::Instant::now();
         for (key, bid) in slot_entries {
-            let live = services.get_mut(&key.service_id).and_then(|w| {
-                let count = if key.table == abi::TABLE_V4 { w.value.slots4 } else { w.value.slots6 };
-                (u32::from(key.gen) == w.value.gen && key.slot < count).then_some(w)
-            });
-            match live {
-                Some(w) if key.table == abi::TABLE_V4 => w.slots4.push(bid),
-                Some(w) => w.slots6.push(bid),
-                None => stray_slots.push(key),
+            let known = key.gen <= 1 && (key.table == abi::TABLE_V4 || key.table == abi::TABLE_V6);
+            let Some(w) = services.get_mut(&key.service_id).filter(|_| known) else {
+                stray_slots.push(key);
+                continue;
+            };
+            let (g, t) = (usize::from(key.gen), table_index(key.table));
+            w.present[g][t] = w.present[g][t].max(usize::from(key.slot) + 1);
+            let count = if key.table == abi::TABLE_V4 { w.value.slots4 } else { w.value.slots6 };
+            if u32::from(key.gen) == w.value.gen && key.slot < count {
+                if key.table == abi::TABLE_V4 {
+                    w.slots4.push(bid);
+                } else {
+                    w.slots6.push(bid);
+                }
+            } else {
+                // Retired by the previous agent, or left by an apply it did not finish:
+                // trimmed like any retired table (a reader may hold that generation).
+                w.swapped_at = Some(started);
             }
         }
         let mut frontends = BTreeMap::new();
@@ -385,6 +443,7 @@ impl Writer {
             names: BTreeMap::new(),
             next_backend,
             report: ApplyReport::default(),
+            keep_retired: true,
         })
     }
 
@@ -402,12 +461,15 @@ impl Writer {
     pub fn apply(&mut self, desired: &[DesiredService], revision: u64) -> Result<ApplyReport, WriteError> {
         self.report = ApplyReport::default();
         let target = self.target(desired)?;
-        self.check_capacity(&target)?;
+        let keep = self.check_capacity(&target)?;
 
-        // 0. Leftovers of a killed apply: no service names their generation.
+        // 0. Leftovers of a killed apply of services that are gone; retired tables
+        //    older than RETIRE (all of them when the slot map is too small to keep any).
         for key in std::mem::take(&mut self.stray_slots) {
             self.remove_slot(&key)?;
         }
+        self.trim(if keep { RETIRE } else { std::time::Duration::ZERO })?;
+        self.keep_retired = keep;
 
         // 1. Backends that are new, or whose state rises or stays: before any slot.
         for (id, be) in &target.backends {
@@ -569,7 +631,10 @@ impl Writer {
         id
     }
 
-    fn check_capacity(&self, t: &Target) -> Result<(), WriteError> {
+    /// Checks that the maps hold what `t` needs at the peak of the apply; returns
+    /// whether the slot map also holds the tables the apply retires (else they go at
+    /// once, as before [`RETIRE`]: a reader racing two swaps may then refuse).
+    fn check_capacity(&self, t: &Target) -> Result<bool, WriteError> {
         let over = |what: &str, map, needed: usize, capacity: usize, flag| {
             (needed > capacity).then(|| WriteError::Capacity { what: what.to_owned(), map, needed, capacity, flag })
         };
@@ -577,7 +642,8 @@ impl Writer {
         let backends = self.backends.keys().chain(t.backends.keys()).collect::<BTreeSet<_>>().len();
         let addrs = self.by_addr.keys().chain(t.by_addr.keys()).collect::<BTreeSet<_>>().len();
         let services = self.services.keys().chain(t.services.keys()).collect::<BTreeSet<_>>().len();
-        // Slots: replay the apply's order; a swapped service briefly holds both tables.
+        // Slots, without retired tables: replay the apply's order; a swapped service
+        // briefly holds both tables.
         let mut slots: usize = self.services.values().map(|w| w.slots4.len() + w.slots6.len()).sum();
         let mut peak = slots;
         for (id, ts) in &t.services {
@@ -585,6 +651,25 @@ impl Writer {
             let new = ts.slots4.len() + ts.slots6.len();
             peak = peak.max(slots + new);
             slots = slots + new - old;
+        }
+        // Keeping retired tables: what stays after the trim of step 0, and every new
+        // table on top (written over its generation's retired keys); nothing is deleted
+        // before step 4.
+        let now = std::time::Instant::now();
+        let kept = |w: &Written| w.swapped_at.is_some_and(|at| now.duration_since(at) < RETIRE);
+        let mut keeping: usize =
+            self.services.values().map(|w| if kept(w) { w.keys() } else { w.keys() - w.retired() }).sum();
+        for (id, ts) in &t.services {
+            let new = [ts.slots4.len(), ts.slots6.len()];
+            keeping += match self.services.get(id) {
+                None => new.iter().sum(),
+                Some(w) if w.slots4 == ts.slots4 && w.slots6 == ts.slots6 => 0,
+                Some(w) => {
+                    let other = 1 - w.gen();
+                    let there = if kept(w) { w.present[other] } else { [0, 0] };
+                    (0..2).map(|i| new[i].saturating_sub(there[i])).sum()
+                }
+            };
         }
         let err =
             over(&format!("{} VIPs", t.frontends.len()), names::FRONTENDS, vips, self.maps.capacity.vips, "--max-vips")
@@ -607,7 +692,66 @@ impl Writer {
                     )
                 })
                 .or_else(|| over("the slot tables", names::SLOTS, peak, self.maps.capacity.slots, "--max-slots"));
-        err.map_or(Ok(()), Err)
+        match err {
+            Some(e) => Err(e),
+            None => {
+                let keep = keeping <= self.maps.capacity.slots;
+                if !keep {
+                    tracing::warn!(
+                        needed = keeping,
+                        capacity = self.maps.capacity.slots,
+                        "the slot map cannot keep retired slot tables; they are deleted at each swap (a connect racing two swaps may be refused); raise --max-slots"
+                    );
+                }
+                Ok(keep)
+            }
+        }
+    }
+
+    /// Deletes the retired slot keys of services whose last swap is `age` old or more.
+    /// Returns how many services it trimmed.
+    fn trim(&mut self, age: std::time::Duration) -> Result<usize, WriteError> {
+        let now = std::time::Instant::now();
+        let due: Vec<u32> = self
+            .services
+            .iter()
+            .filter(|(_, w)| w.swapped_at.is_some_and(|at| now.duration_since(at) >= age))
+            .map(|(id, _)| *id)
+            .collect();
+        self.trim_ids(&due)?;
+        Ok(due.len())
+    }
+
+    /// Deletes the retired slot keys of the services `ids`: every key of the generation
+    /// not in force, and the keys of the one in force beyond its tables.
+    fn trim_ids(&mut self, ids: &[u32]) -> Result<(), WriteError> {
+        for id in ids {
+            let Some(mut w) = self.services.get(id).cloned() else { continue };
+            let (live, cur) = (w.live(), w.gen());
+            for (g, present) in w.present.iter_mut().enumerate() {
+                for (t, table) in [abi::TABLE_V4, abi::TABLE_V6].into_iter().enumerate() {
+                    let keep = if g == cur { live[t] } else { 0 };
+                    for slot in keep..present[t] {
+                        let key = SlotKey { service_id: *id, slot: slot as u16, table, gen: g as u8 };
+                        self.remove_slot(&key)?;
+                    }
+                    present[t] = keep.min(present[t]);
+                }
+            }
+            w.swapped_at = None;
+            self.services.insert(*id, w);
+        }
+        Ok(())
+    }
+
+    /// Deletes the slot tables retired [`RETIRE`] ago or more (an apply also does).
+    /// Call it now and then (a loop's tick): until then they only take room in the
+    /// slot map, which capacity checks count. Returns how many services it trimmed.
+    pub fn trim_retired(&mut self) -> Result<usize, WriteError> {
+        if self.services.values().all(|w| w.swapped_at.is_none()) {
+            return Ok(0);
+        }
+        self.trim(RETIRE)
     }
 
     fn put_backend(&mut self, id: u32, be: Backend) -> Result<(), WriteError> {
@@ -634,22 +778,29 @@ impl Writer {
             return Ok(());
         }
         // A new service starts at generation 0 with fresh counters; a changed one
-        // flips to the generation not in force, which holds no entries.
-        let gen = old.as_ref().map_or(0, |w| 1 - w.value.gen.min(1));
+        // flips to the generation not in force, over the table retired there.
+        let gen = old.as_ref().map_or(0, |w| 1 - w.gen());
         if old.is_none() {
             let zero = PerCpuValues::try_from(vec![Counters::default(); aya::util::nr_cpus().map_or(1, |n| n)])
                 .map_err(WriteError::Cpus)?;
             self.maps.counters.set(id, zero, 0).map_err(kernel("update", names::COUNTERS))?;
         }
+        let mut w = old.clone().unwrap_or_default();
         for (table, ids) in [(abi::TABLE_V4, &t.slots4), (abi::TABLE_V6, &t.slots6)] {
             for (slot, bid) in ids.iter().enumerate() {
                 let key = SlotKey { service_id: id, slot: slot as u16, table, gen: gen as u8 };
                 self.maps.slots.insert(key, bid, 0).map_err(kernel("insert", names::SLOTS))?;
                 self.report.writes += 1;
             }
+            let present = &mut w.present[gen][table_index(table)];
+            *present = (*present).max(ids.len());
+            if old.is_some() {
+                // Recorded as written: should the apply fail below, a trim finds them.
+                self.services.insert(id, w.clone());
+            }
         }
         let value = Service {
-            gen,
+            gen: gen as u32,
             slots4: t.slots4.len() as u16,
             slots6: t.slots6.len() as u16,
             policy: t.policy,
@@ -657,20 +808,35 @@ impl Writer {
         };
         // The swap: one update replaces the whole entry for every reader at once.
         self.maps.services.insert(id, value, 0).map_err(kernel("insert", names::SERVICES))?;
-        self.services.insert(id, Written { value, slots4: t.slots4.clone(), slots6: t.slots6.clone() });
+        w.value = value;
+        w.slots4 = t.slots4.clone();
+        w.slots6 = t.slots6.clone();
         self.report.writes += 1;
-        if let Some(old) = old {
+        if old.is_some() {
             self.report.tables_swapped += 1;
-            self.remove_slots(id, &old)?;
+            // The old generation (and keys beyond the new table) retire now.
+            w.swapped_at = Some(std::time::Instant::now());
+        }
+        self.services.insert(id, w);
+        if old.is_some() && !self.keep_retired {
+            self.trim_service(id)?;
         }
         Ok(())
     }
 
+    /// Deletes one service's retired keys at once.
+    fn trim_service(&mut self, id: u32) -> Result<(), WriteError> {
+        self.trim_ids(&[id])
+    }
+
+    /// Deletes every slot key of a service, all generations.
     fn remove_slots(&mut self, id: u32, w: &Written) -> Result<(), WriteError> {
-        for (table, n) in [(abi::TABLE_V4, w.slots4.len()), (abi::TABLE_V6, w.slots6.len())] {
-            for slot in 0..n {
-                let key = SlotKey { service_id: id, slot: slot as u16, table, gen: w.value.gen as u8 };
-                self.remove_slot(&key)?;
+        for (g, present) in w.present.iter().enumerate() {
+            for (t, table) in [abi::TABLE_V4, abi::TABLE_V6].into_iter().enumerate() {
+                for slot in 0..present[t] {
+                    let key = SlotKey { service_id: id, slot: slot as u16, table, gen: g as u8 };
+                    self.remove_slot(&key)?;
+                }
             }
         }
         Ok(())
