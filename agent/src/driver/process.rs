@@ -146,9 +146,14 @@ pub(crate) fn alive_in(pid: u32, rel: &str) -> bool {
 pub(crate) fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exited with status {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
+        (None, Some(s)) => killed_by(s),
         _ => status.to_string(),
     }
+}
+
+/// How [`describe`] says a process died of signal `s`.
+pub(crate) fn killed_by(s: i32) -> String {
+    format!("killed by signal {s}")
 }
 
 /// The last `lines` lines of `log` (at most 4 KiB), for error messages.

@@ -592,6 +592,14 @@ async fn start(
                 pending.remove(&rep.op_id);
                 awaiting.remove(&rep.address);
             }
+            pb::InstancePhase::Failed | pb::InstancePhase::Crashed if rep.killed => {
+                // Killed from outside while starting (the OOM killer, an operator): not
+                // the version's fault. Observe again; the next decision starts another.
+                return Err(StepError::Interrupted(format!(
+                    "instance {} of {service} on node {node} was killed while starting",
+                    rep.address
+                )));
+            }
             pb::InstancePhase::Failed | pb::InstancePhase::Crashed => {
                 return Err(format!(
                     "instance {} of {service} on node {node} never became healthy: {}",

@@ -64,6 +64,10 @@ pub enum OnStart {
     /// Reports starting under the operation, then serving under none (as an agent that
     /// restarted and adopted the instance does).
     ServeWithoutOp,
+    /// Reports starting, then failed because something outside SIGKILLed it (`killed`).
+    Killed,
+    /// Reports starting, then failed on its own (it exited with an error).
+    Fail,
 }
 
 /// One instance a fake agent runs.
@@ -118,6 +122,7 @@ fn report(service: &str, version: &str, address: &str, phase: pb::InstancePhase,
         detail: String::new(),
         op_id: op_id.to_owned(),
         id: address.to_owned(),
+        killed: false,
     }
 }
 
@@ -178,10 +183,18 @@ async fn session(shared: &Arc<Shared>, node: &str, net: u8, st: &Arc<Mutex<Agent
                         (a, on)
                     };
                     shared.instance_report(node, report(&spec.service, &spec.version, &address, pb::InstancePhase::Starting, &op.op_id));
+                    if let OnStart::Killed | OnStart::Fail = on_start {
+                        st.lock().expect("state").running.remove(&address);
+                        let mut r = report(&spec.service, &spec.version, &address, pb::InstancePhase::Failed, &op.op_id);
+                        r.killed = on_start == OnStart::Killed;
+                        r.detail = if r.killed { "killed by signal 9" } else { "exited with status 1" }.to_owned();
+                        shared.instance_report(node, r);
+                        continue;
+                    }
                     let op_id = match on_start {
                         OnStart::Serve => Some(op.op_id.as_str()),
                         OnStart::ServeWithoutOp => Some(""),
-                        OnStart::LoseServing => None,
+                        OnStart::LoseServing | OnStart::Killed | OnStart::Fail => None,
                     };
                     if let Some(op_id) = op_id {
                         shared.instance_report(node, report(&spec.service, &spec.version, &address, pb::InstancePhase::Serving, op_id));
