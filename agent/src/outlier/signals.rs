@@ -184,3 +184,34 @@ impl FailureWatch {
         self.fd.get_mut()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wiring a coordinator session uses compiles: `ready` in a `tokio::select!`
+    /// arm, `look` in its handler (tokio drops the arms' futures before the handler).
+    #[expect(dead_code, reason = "compiled, not run: it needs a node's pinned maps")]
+    async fn session_wiring(fw: &mut FailureWatch, o: &mut Outliers, maps: &Maps, desired: &[DesiredService]) {
+        let mut other = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let deadline = o.next_deadline();
+            tokio::select! {
+                () = fw.ready(deadline) => {
+                    if fw.look(o, maps, desired, Instant::now()) {
+                        // apply o.overlay(desired) here
+                    }
+                }
+                _ = other.tick() => {}
+            }
+        }
+    }
+
+    #[test]
+    fn the_ring_holds_one_record_per_backend() {
+        assert_eq!(failure_ring_bytes(16_384), 16_384 * 32);
+        assert_eq!(failure_ring_bytes(10_000), 512 * 1024);
+        assert_eq!(failure_ring_bytes(1), 4096.max(failure_ring_bytes(1)));
+        assert!(failure_ring_bytes(1).is_power_of_two());
+    }
+}
