@@ -13,5 +13,5 @@ pub mod strategy;
 pub mod target;
 
 pub use planner::{plan, Plan, PlanError, Step};
-pub use strategy::{Amount, Gate, GateSpec, Order, Strategy, Transition};
+pub use strategy::{Amount, Gate, GateSpec, Inconclusive, Order, Strategy, Transition};
 pub use target::Target;

@@ -79,7 +79,8 @@ pub struct StrategyArgs {
     #[arg(long, value_name = "P,P,...", value_delimiter = ',')]
     pub steps: Vec<u32>,
     /// Pause after a step: STEP (approval), STEP:approval, STEP:analysis or
-    /// STEP:analysis=WINDOW,MAX% (e.g. 2:analysis=5m,0.5%). Repeatable.
+    /// STEP:analysis=WINDOW,MAX%[,hold|pass|fail] (e.g. 2:analysis=5m,0.5%; the last part
+    /// says what a window with nothing to judge does, hold by default). Repeatable.
     #[arg(long = "gate", value_name = "SPEC")]
     pub gates: Vec<String>,
 }

@@ -5,7 +5,7 @@ mod fleet;
 
 use std::time::Duration;
 
-use fleet::{architecture, coordinator, push, registered, wait_end, Agent, OnStart, Scratch};
+use fleet::{architecture, coordinator, push, push_gated, registered, wait_end, Agent, OnStart, Scratch};
 
 const NODES: [&str; 2] = ["node-a", "node-b"];
 
@@ -133,4 +133,46 @@ async fn an_instance_killed_while_starting_is_started_again_and_one_failing_on_i
     let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
     assert_ne!(state, "done", "a version that fails on its own must not pass: {log:?}");
     assert!(log.iter().any(|l| l.contains("never became healthy")), "{log:?}");
+}
+
+/// Waits until the rollout is waiting at a gate (up to `limit`); its status.
+async fn wait_waiting(
+    shared: &hitless_coordinator::server::Shared,
+    limit: Duration,
+) -> hitless_proto::v1::RolloutStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let r = hitless_coordinator::engine::status(shared).expect("a rollout");
+        if r.state == "waiting" {
+            return r;
+        }
+        assert!(!["done", "failed", "rolled-back"].contains(&r.state.as_str()), "it ended instead of holding: {r:?}");
+        assert!(std::time::Instant::now() < deadline, "never held: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analysis_with_nothing_to_judge_holds_passes_or_fails_as_its_gate_says_never_silently() {
+    // The fleet's agents send no counters: no connect to v2 is ever seen.
+    let (_dir, shared, _agents) = deployed("inconclusive", Duration::from_secs(1)).await;
+    push_gated(&shared, &architecture("v2", &NODES, 1), "rolling", &["1:analysis=1s,1%"]);
+    let held = wait_waiting(&shared, Duration::from_secs(30)).await;
+    assert!(held.waiting_for.contains("inconclusive") && held.waiting_for.contains("web v2: no connects"), "{held:?}");
+    assert!(held.waiting_for.contains("hitless promote"), "says what to do: {held:?}");
+    hitless_coordinator::engine::promote(&shared).expect("promote");
+    let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
+    assert_eq!(state, "done", "promoted, it goes on: {log:?}");
+
+    push_gated(&shared, &architecture("v3", &NODES, 1), "rolling", &["1:analysis=1s,1%,pass"]);
+    let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
+    assert_eq!(state, "done", "{log:?}");
+    assert!(log.iter().any(|l| l.contains("inconclusive") && l.contains("passed as the gate says")), "noted: {log:?}");
+
+    push_gated(&shared, &architecture("v4", &NODES, 1), "rolling", &["1:analysis=1s,1%,fail"]);
+    let (state, log) = wait_end(&shared, Duration::from_secs(30)).await;
+    assert_eq!(state, "rolled-back", "{log:?}");
+    assert!(log.iter().any(|l| l.contains("gate failed") && l.contains("inconclusive")), "{log:?}");
+    let serving: Vec<_> = registered(&shared).into_iter().filter(|i| i.1 == "serving").collect();
+    assert!(serving.iter().all(|i| i.2 == "v3"), "back on v3: {serving:?}");
 }

@@ -86,9 +86,9 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_ANSWER: usize = 1 << 20;
 
 impl PromUrl {
-    /// Runs an instant query evaluated at `at` and returns the sum of the result vector
-    /// (0 when empty: no series means nothing happened).
-    pub async fn query(&self, promql: &str, at: std::time::SystemTime) -> Result<f64, QueryError> {
+    /// Runs an instant query evaluated at `at` and returns the sum of the result vector,
+    /// or `None` when it is empty (no series: Prometheus knows nothing of it).
+    pub async fn query(&self, promql: &str, at: std::time::SystemTime) -> Result<Option<f64>, QueryError> {
         let unreachable = |why: String| QueryError::Unreachable { url: self.to_string(), why };
         let at = at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let body = tokio::time::timeout(QUERY_TIMEOUT, self.get(promql, at))
@@ -103,10 +103,16 @@ impl PromUrl {
         let Some(series) = v["data"]["result"].as_array() else {
             return Err(bad(format!("a {} result, not a vector", v["data"]["resultType"])));
         };
-        series.iter().try_fold(0.0, |sum, s| {
-            let value = s["value"][1].as_str().and_then(|x| x.parse::<f64>().ok());
-            value.map(|x| sum + if x.is_finite() { x } else { 0.0 }).ok_or_else(|| bad(format!("a sample {s}")))
-        })
+        if series.is_empty() {
+            return Ok(None);
+        }
+        series
+            .iter()
+            .try_fold(0.0, |sum, s| {
+                let value = s["value"][1].as_str().and_then(|x| x.parse::<f64>().ok());
+                value.map(|x| sum + if x.is_finite() { x } else { 0.0 }).ok_or_else(|| bad(format!("a sample {s}")))
+            })
+            .map(Some)
     }
 
     /// The request URI of an instant query.
@@ -149,13 +155,15 @@ fn encode(s: &str) -> String {
 
 /// The PromQL of a version's connect outcomes over `window`: `(errors, attempts)`,
 /// where errors are failed connects plus resets and attempts are connects that
-/// established plus failed ones, summed over every node's agent.
+/// established plus failed ones, summed over every node's agent. The attempts query is
+/// empty when Prometheus has no series of the version (every agent exports both
+/// counters of a backend together): that is "nothing to judge", never 0 attempts.
 pub fn failure_queries(service: &str, version: &str, window: Duration) -> (String, String) {
     let sel = format!("{{service=\"{}\",version=\"{}\"}}", escape(service), escape(version));
     let w = format!("[{}s]", window.as_secs().max(1));
     let inc = |m: &str| format!("sum(increase(hitless_backend_{m}_total{sel}{w}))");
     let errors = format!("{} + {}", or_zero(&inc("connect_failures")), or_zero(&inc("resets")));
-    let attempts = format!("{} + {}", or_zero(&inc("connects")), or_zero(&inc("connect_failures")));
+    let attempts = format!("{} + {}", inc("connects"), inc("connect_failures"));
     (errors, attempts)
 }
 

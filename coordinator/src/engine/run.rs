@@ -21,7 +21,7 @@ use super::decide::{next_step, Observed, ServiceOps};
 use super::record::{Phase, Rollout};
 use crate::server::control::barrier;
 use crate::server::Shared;
-use crate::strategy::Gate;
+use crate::strategy::{Gate, Inconclusive};
 use crate::target::Target;
 
 /// Longest wait for a new instance to become healthy, unless the coordinator is told
@@ -88,6 +88,17 @@ pub async fn run(shared: Arc<Shared>) {
                     r.message = format!("approval after step {}: hitless promote (or abort)", r.step);
                 }
                 info!(rollout = %r.id, step = r.step, "step done");
+            }
+            Ok(Outcome::Held { line, stops, why }) => {
+                r.step += 1;
+                r.note(format!("step {}: {line} ({} ms)", r.step, started.elapsed().as_millis()));
+                for s in stops {
+                    r.note(format!("  stopped {s}"));
+                }
+                r.note(format!("gate held: {why}"));
+                r.phase = Phase::Waiting;
+                r.message = format!("{why}: hitless promote to go on (or abort)");
+                warn!(rollout = %r.id, step = r.step, %why, "analysis inconclusive: holding for an operator");
             }
             Ok(Outcome::GateFailed { line, why }) => {
                 r.step += 1;
@@ -174,6 +185,21 @@ enum Outcome {
         line: String,
         why: String,
     },
+    /// The step's analysis had nothing to judge and its gate holds: wait for an
+    /// operator, saying why.
+    Held {
+        line: String,
+        stops: Vec<String>,
+        why: String,
+    },
+}
+
+/// What an analysis concluded when nothing failed it.
+enum Judgement {
+    /// Every judged version stayed within the limit.
+    Pass,
+    /// Nothing to judge (no connects to the new version, or no series of it): why.
+    Inconclusive(String),
 }
 
 /// What runs, for the services of `arch` and any service with instances run by agents.
@@ -230,11 +256,19 @@ async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, StepError> {
     if rolling_back {
         return Ok(Outcome::Stepped { gate: None, line: line.join(", "), stops });
     }
-    if let Some(Gate::Analysis { window, max_error_permille }) = &gate {
-        if let Err(why) = analyse(shared, &arch, &step.services, window.to_std(), *max_error_permille, next).await {
-            return Ok(Outcome::GateFailed { line: line.join(", "), why });
-        }
-        return Ok(Outcome::Stepped { gate: None, line: line.join(", "), stops });
+    if let Some(Gate::Analysis { window, max_error_permille, inconclusive }) = &gate {
+        let line = line.join(", ");
+        return Ok(match analyse(shared, &arch, &step.services, window.to_std(), *max_error_permille, next).await {
+            Err(why) => Outcome::GateFailed { line, why },
+            Ok(Judgement::Pass) => Outcome::Stepped { gate: None, line, stops },
+            Ok(Judgement::Inconclusive(why)) => match inconclusive {
+                Inconclusive::Hold => Outcome::Held { line, stops, why },
+                Inconclusive::Pass => {
+                    Outcome::Stepped { gate: None, line: format!("{line}; {why}, passed as the gate says"), stops }
+                }
+                Inconclusive::Fail => Outcome::GateFailed { line, why: format!("{why}, failed as the gate says") },
+            },
+        });
     }
     Ok(Outcome::Stepped { gate, line: line.join(", "), stops })
 }
@@ -252,11 +286,11 @@ async fn analyse(
     window: Duration,
     max_permille: u32,
     step: usize,
-) -> Result<(), String> {
+) -> Result<Judgement, String> {
     let judged: Vec<&hitless_model::Service> =
         arch.services.iter().filter(|s| services.contains_key(&s.name)).collect();
-    // (errors, attempts) of each judged service, and where they came from.
-    let mut counts: Vec<(u64, u64)> = Vec::new();
+    // (errors, attempts) of each judged service (None: no series), and where from.
+    let mut counts: Vec<(u64, Option<u64>)> = Vec::new();
     let source = match &shared.prometheus {
         Some((url, lag)) => {
             tokio::time::sleep(window).await;
@@ -265,8 +299,8 @@ async fn analyse(
             let asked = |e: super::prometheus::QueryError| format!("analysis after step {step}: {e}");
             for s in &judged {
                 let (errors_q, attempts_q) = super::prometheus::failure_queries(&s.name, &s.version, window);
-                let errors = url.query(&errors_q, end).await.map_err(asked)?.round() as u64;
-                let attempts = url.query(&attempts_q, end).await.map_err(asked)?.round() as u64;
+                let errors = url.query(&errors_q, end).await.map_err(asked)?.unwrap_or(0.0).round() as u64;
+                let attempts = url.query(&attempts_q, end).await.map_err(asked)?.map(|a| a.round() as u64);
                 counts.push((errors, attempts));
             }
             format!(" (prometheus {url})")
@@ -283,16 +317,28 @@ async fn analyse(
                 let (c1, f1, r1) = after.get(&key).copied().unwrap_or_default();
                 let attempts = (c1 - c0.min(c1)) + (f1 - f0.min(f1));
                 let errors = (f1 - f0.min(f1)) + (r1 - r0.min(r1));
-                counts.push((errors, attempts));
+                counts.push((errors, Some(attempts)));
             }
             String::new()
         }
     };
     let verdict = Verdict { step, source: &source, window, max_permille };
+    let mut unjudged = Vec::new();
     for (s, (errors, attempts)) in judged.into_iter().zip(counts) {
-        verdict.judge(s, errors, attempts)?;
+        match attempts {
+            None => unjudged.push(format!("{} {}: no series", s.name, s.version)),
+            Some(0) => unjudged.push(format!("{} {}: no connects", s.name, s.version)),
+            Some(attempts) => verdict.judge(s, errors, attempts)?,
+        }
     }
-    Ok(())
+    if unjudged.is_empty() {
+        return Ok(Judgement::Pass);
+    }
+    info!(step, source = %source, unjudged = ?unjudged, "analysis: nothing to judge");
+    Ok(Judgement::Inconclusive(format!(
+        "analysis after step {step}{source} inconclusive over {window:?}: {}",
+        unjudged.join("; ")
+    )))
 }
 
 /// An analysis gate's judgement of the counts of one window.
@@ -305,13 +351,8 @@ struct Verdict<'a> {
 }
 
 impl Verdict<'_> {
-    /// Fails when more than the allowed share of `attempts` were `errors`; a window
-    /// without traffic passes.
+    /// Fails when more than the allowed share of `attempts` (not 0) were `errors`.
     fn judge(&self, s: &hitless_model::Service, errors: u64, attempts: u64) -> Result<(), String> {
-        if attempts == 0 {
-            info!(service = %s.name, version = %s.version, source = self.source, "analysis: no traffic to judge in the window");
-            return Ok(());
-        }
         let permille = errors * 1000 / attempts;
         info!(service = %s.name, version = %s.version, source = self.source, attempts, errors, permille, "analysis");
         if permille <= u64::from(self.max_permille) {

@@ -12,7 +12,7 @@ use std::fmt;
 use hitless_model::{Cluster, ServiceState, DEFAULT_WEIGHT};
 use serde::Serialize;
 
-pub use params::{Amount, Gate, GateSpec, ParamError};
+pub use params::{Amount, Gate, GateSpec, Inconclusive, ParamError};
 
 use crate::target::{Target, TargetService};
 use view::View;

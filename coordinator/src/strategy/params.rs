@@ -99,28 +99,63 @@ pub enum Gate {
         window: Duration,
         /// Highest acceptable share of failed connects, per thousand.
         max_error_permille: u32,
+        /// What a window with nothing to judge (no connects, no series) does.
+        inconclusive: Inconclusive,
     },
 }
 
+/// What an analysis with nothing to judge does: a window without a single connect to
+/// the new version proves nothing, so by default it holds the rollout for an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Inconclusive {
+    /// Wait for `hitless promote` (or `abort`), saying why in status.
+    #[default]
+    Hold,
+    /// Go on, noting it in the log.
+    Pass,
+    /// Roll back, as a failed analysis does.
+    Fail,
+}
+
+impl fmt::Display for Inconclusive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Hold => "hold",
+            Self::Pass => "pass",
+            Self::Fail => "fail",
+        })
+    }
+}
+
 impl Gate {
-    /// The analysis used when none is spelled out: 2 minutes, at most 1% errors.
-    pub const DEFAULT_ANALYSIS: Self =
-        Self::Analysis { window: Duration::from_millis(120_000), max_error_permille: 10 };
+    /// The analysis used when none is spelled out: 2 minutes, at most 1% errors, hold
+    /// when there is nothing to judge.
+    pub const DEFAULT_ANALYSIS: Self = Self::Analysis {
+        window: Duration::from_millis(120_000),
+        max_error_permille: 10,
+        inconclusive: Inconclusive::Hold,
+    };
 }
 
 impl fmt::Display for Gate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Approval => write!(f, "approval"),
-            Self::Analysis { window, max_error_permille: m } => {
-                write!(f, "analysis {window}, errors ≤ {}.{}%", m / 10, m % 10)
+            Self::Analysis { window, max_error_permille: m, inconclusive } => {
+                write!(f, "analysis {window}, errors ≤ {}.{}%", m / 10, m % 10)?;
+                match inconclusive {
+                    Inconclusive::Hold => Ok(()),
+                    other => write!(f, ", no traffic: {other}"),
+                }
             }
         }
     }
 }
 
 /// A gate placed on a plan step from the command line: `3` (approval after step 3),
-/// `3:approval`, `3:analysis` or `3:analysis=5m,0.5%`.
+/// `3:approval`, `3:analysis`, `3:analysis=5m,0.5%` or `3:analysis=5m,0.5%,pass` (what
+/// a window with nothing to judge does: hold, the default, pass or fail).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateSpec {
     /// Plan step (1-based) after which the gate holds.
@@ -133,7 +168,7 @@ impl FromStr for GateSpec {
     type Err = ParamError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let fix = "write STEP, STEP:approval, STEP:analysis or STEP:analysis=WINDOW,MAX% (e.g. 2:analysis=5m,0.5%)";
+        let fix = "write STEP, STEP:approval, STEP:analysis or STEP:analysis=WINDOW,MAX%[,hold|pass|fail] (e.g. 2:analysis=5m,0.5%)";
         let bad = || ParamError::new(format!("{text:?} is not a gate"), fix);
         let (step, kind) = text.split_once(':').unwrap_or((text, "approval"));
         let step: usize = step.parse().map_err(|_| bad())?;
@@ -144,9 +179,19 @@ impl FromStr for GateSpec {
             None if kind == "approval" => Gate::Approval,
             None if kind == "analysis" => Gate::DEFAULT_ANALYSIS,
             Some(("analysis", args)) => {
-                let (window, max) = args.split_once(',').ok_or_else(bad)?;
+                let mut parts = args.split(',');
+                let (Some(window), Some(max)) = (parts.next(), parts.next()) else { return Err(bad()) };
+                let inconclusive = match parts.next() {
+                    None | Some("hold") => Inconclusive::Hold,
+                    Some("pass") => Inconclusive::Pass,
+                    Some("fail") => Inconclusive::Fail,
+                    Some(_) => return Err(bad()),
+                };
+                if parts.next().is_some() {
+                    return Err(bad());
+                }
                 let window: Duration = window.parse().map_err(|_| bad())?;
-                Gate::Analysis { window, max_error_permille: permille(max).ok_or_else(bad)? }
+                Gate::Analysis { window, max_error_permille: permille(max).ok_or_else(bad)?, inconclusive }
             }
             _ => return Err(bad()),
         };
@@ -186,9 +231,21 @@ mod tests {
         assert_eq!("4:analysis".parse::<GateSpec>().unwrap().gate, Gate::DEFAULT_ANALYSIS);
         assert_eq!(
             "1:analysis=5m,0.5%".parse::<GateSpec>().unwrap().gate,
-            Gate::Analysis { window: "5m".parse().unwrap(), max_error_permille: 5 }
+            Gate::Analysis { window: "5m".parse().unwrap(), max_error_permille: 5, inconclusive: Inconclusive::Hold }
         );
-        for bad in ["0", "x", "1:maybe", "1:analysis=5m", "1:analysis=5m,0.55%"] {
+        assert_eq!(
+            "1:analysis=5m,0.5%,fail".parse::<GateSpec>().unwrap().gate,
+            Gate::Analysis { window: "5m".parse().unwrap(), max_error_permille: 5, inconclusive: Inconclusive::Fail }
+        );
+        for bad in [
+            "0",
+            "x",
+            "1:maybe",
+            "1:analysis=5m",
+            "1:analysis=5m,0.55%",
+            "1:analysis=5m,1%,maybe",
+            "1:analysis=5m,1%,pass,x",
+        ] {
             assert!(bad.parse::<GateSpec>().is_err(), "{bad}");
         }
     }

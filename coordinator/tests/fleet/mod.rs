@@ -227,10 +227,16 @@ pub fn architecture(version: &str, nodes: &[&str], per_node: u32) -> String {
 
 /// Pushes `yaml` with `strategy` (and rolling's max surge 1, max unavailable 0).
 pub fn push(shared: &Shared, yaml: &str, strategy: &str) {
+    push_gated(shared, yaml, strategy, &[]);
+}
+
+/// Like [`push`], with gates as the CLI writes them (`1:analysis=1s,1%`).
+pub fn push_gated(shared: &Shared, yaml: &str, strategy: &str, gates: &[&str]) {
     let spec = pb::StrategySpec {
         name: strategy.to_owned(),
         max_surge: if strategy == "rolling" { "1".into() } else { String::new() },
         max_unavailable: if strategy == "rolling" { "0".into() } else { String::new() },
+        gates: gates.iter().map(|g| (*g).to_owned()).collect(),
         ..Default::default()
     };
     hitless_coordinator::engine::push(
