@@ -164,7 +164,8 @@ pub struct Site {
     pub outliers: Arc<std::sync::Mutex<crate::outlier::Outliers>>,
 }
 
-/// How often the session looks at the kernel's per-backend counters for outliers.
+/// The least time between two looks at signalled backends (a backend that keeps
+/// failing costs one look per interval, however many connects fail).
 const OUTLIER_LOOK: Duration = Duration::from_millis(50);
 /// How often the session sends the per-backend counters (analysis gates read them).
 const SUMMARY_EVERY: Duration = Duration::from_secs(1);
@@ -188,16 +189,21 @@ fn summary(writer: &Writer, desired: &[desired::DesiredService], names: &[String
     pb::MetricSummary { backends }
 }
 
-/// Re-applies the revision in force when the set of isolated backends changed.
+/// Judges the backends the kernel signalled failed connects to, and returns those due
+/// back; re-applies the revision in force (if any yet) when the set of isolated
+/// backends changed. Reads no counter when nothing was signalled.
 fn look_at_outliers(
     site: &Site,
     writer: &mut Writer,
     desired: &[desired::DesiredService],
-    revision: u64,
+    revision: Option<u64>,
+    failures: &mut crate::outlier::FailureWatch,
 ) -> Result<(), LinkError> {
     let Ok(mut o) = site.outliers.lock() else { return Ok(()) };
-    if o.observe(writer.maps(), desired, std::time::Instant::now()) {
-        writer.apply(&o.overlay(desired), revision)?;
+    if failures.look(&mut o, writer.maps(), desired, std::time::Instant::now()) {
+        if let Some(r) = revision {
+            writer.apply(&o.overlay(desired), r)?;
+        }
         site.metrics.set_outliers(&o);
     }
     Ok(())
@@ -271,18 +277,18 @@ async fn session_inner(
     let mut wanted: Vec<desired::DesiredService> = Vec::new();
     // Handshakes in flight to the backends the last revision took out of service.
     let mut watch: Option<crate::inflight::Watch> = None;
-    let mut tick = tokio::time::interval(OUTLIER_LOOK);
+    // Failed connects, as the kernel signals them: an idle node reads no counters.
+    let mut failures = crate::outlier::FailureWatch::open(writer.maps().pin_dir(), OUTLIER_LOOK)?;
     let mut summaries = tokio::time::interval(SUMMARY_EVERY);
     loop {
+        let due = site.outliers.lock().ok().and_then(|o| o.next_deadline());
         let msg = tokio::select! {
             m = inbound.message() => match m? {
                 Some(m) => m,
                 None => break,
             },
-            _ = tick.tick() => {
-                if let Some(m) = &mirror {
-                    look_at_outliers(site, writer, &wanted, m.revision)?;
-                }
+            () = failures.ready(due) => {
+                look_at_outliers(site, writer, &wanted, mirror.as_ref().map(|m| m.revision), &mut failures)?;
                 continue;
             }
             _ = tokio::time::sleep(crate::inflight::WATCH_EVERY), if watch.is_some() => {

@@ -236,15 +236,19 @@ fn an_idle_agent_reads_no_counters() {
     let s = connects(Some(&node.cgroup), vip, 100);
     assert_eq!((s.ok, s.failed), (100, 0), "isolated: every connect goes to the healthy backend: {s:?}");
 
-    // Isolated and idle: nothing read until its period ends (a timer, not a poll).
+    // Isolated and idle: nothing read until its period ends (a timer, not a poll: a poll
+    // would read at each of the ~30 turns). One more read is allowed: a flag insert that
+    // meets its bucket locked by the same CPU (-EBUSY, under load) signals again rather
+    // than lose the failure (see signal_failure in sockops.bpf.c).
     turns(&mut w, Duration::from_millis(600));
-    assert_eq!(reads(&w) - r1, 1, "no read while the backend is isolated");
+    let extra = reads(&w) - r1 - 1;
+    assert!(extra <= 1, "no read while the backend is isolated ({extra} reads in ~30 turns)");
     while !w.outliers().isolated().is_empty() {
         assert!(isolated_at.elapsed() < Duration::from_secs(3), "never returned");
         w.turn();
     }
     assert!(isolated_at.elapsed() >= Duration::from_millis(950), "returned early: {:?}", isolated_at.elapsed());
-    assert_eq!(reads(&w) - r1, 2, "its return reads the returning backend only");
+    assert_eq!(reads(&w) - r1 - extra, 2, "its return reads the returning backend only");
     let r2 = reads(&w);
     turns(&mut w, Duration::from_millis(500));
     assert_eq!(reads(&w) - r2, 0, "idle again: no counter read");

@@ -192,6 +192,9 @@ fn soak(rollouts: u32, kills: u32, seed: u64, t: &mut Tally) {
         for line in nginx.iter().take(5) {
             println!("{what}: nginx: {line}");
         }
+        for (k, p) in probes.iter().enumerate().filter(|(_, p)| p.failed > 0) {
+            println!("{what}: probe {k} (node {}, {}): {p:?}", k / 2, if k % 2 == 0 { "VIP" } else { "stale cache" });
+        }
         t.failed += lost;
 
         let serving = instances(&rig.coord);
