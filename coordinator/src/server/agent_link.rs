@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::warn;
 
 use super::state::Shared;
 use crate::registry::delta;
@@ -51,6 +52,7 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         }
         let node = hello.node.clone();
         let session = self.shared.connect(&node, hello.applied_revision);
+        bury_crashed(&self.shared, &node, &hello.instances);
         self.shared.set_instances(&node, hello.instances);
         let (tx, rx) = mpsc::channel(16);
         let (ops_tx, mut ops_rx) = mpsc::channel(256);
@@ -101,7 +103,10 @@ impl agent_link_server::AgentLink for AgentLinkApi {
             while let Ok(Some(m)) = inbound.message().await {
                 match m.msg {
                     Some(agent_message::Msg::Ack(a)) => shared.ack(&node, session, &a),
-                    Some(agent_message::Msg::Instance(r)) => shared.instance_report(&node, r),
+                    Some(agent_message::Msg::Instance(r)) => {
+                        bury_crashed(&shared, &node, std::slice::from_ref(&r));
+                        shared.instance_report(&node, r);
+                    }
                     Some(agent_message::Msg::Metrics(m)) => shared.metrics(&node, m),
                     Some(agent_message::Msg::Hello(_)) | None => {}
                 }
@@ -109,6 +114,28 @@ impl agent_link_server::AgentLink for AgentLinkApi {
             shared.disconnect(&node, session);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Marks down, on every node at once, each registered instance its own node reports
+/// crashed: its process is gone, so every connect steered to it would be refused until
+/// each node's outlier detection caught up. Kept as a tombstone, like a stopped one
+/// (stale clients are steered to a sibling); a rollout starts its replacement.
+fn bury_crashed(shared: &Shared, node: &str, reports: &[pb::InstanceReport]) {
+    for r in reports.iter().filter(|r| r.phase() == pb::InstancePhase::Crashed) {
+        let key = (r.service.clone(), r.address.clone());
+        let Some(i) = shared.instance(&key) else { continue };
+        if i.node != node || i.state() == pb::InstanceState::Down {
+            continue;
+        }
+        match shared.bury(&key) {
+            Ok(revision) => {
+                warn!(%node, service = %r.service, address = %r.address, revision, detail = %r.detail, "instance crashed: marked down on every node")
+            }
+            Err(e) => {
+                warn!(%node, service = %r.service, address = %r.address, error = %e.message(), "instance crashed but could not be marked down")
+            }
+        }
     }
 }
 

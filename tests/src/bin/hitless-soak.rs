@@ -164,7 +164,7 @@ fn soak(rollouts: u32, kills: u32, seed: u64, t: &mut Tally) {
                     t.coordinator += 1;
                     "the coordinator".to_owned()
                 }
-                2 if kill_starting_instance(&rig, &mut rng).is_some() => {
+                2 if kill_starting_instance(&rig, &mut rng, Duration::from_secs(1)).is_some() => {
                     t.instance += 1;
                     "a starting instance".to_owned()
                 }
@@ -267,8 +267,40 @@ fn rig() -> Rig {
     rig
 }
 
-/// SIGKILLs one instance that is still starting (running, not registered yet), if any.
-fn kill_starting_instance(rig: &Rig, rng: &mut Rng) -> Option<String> {
+/// Milliseconds since process `pid` started (from /proc: start time in clock ticks
+/// since boot, against the uptime).
+fn age_ms(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ppid …": field 22 (starttime) counted after the last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let start_ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?.max(1);
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+    Some(((uptime * 1000.0) as u64).saturating_sub(start_ticks * 1000 / hz))
+}
+
+/// Instances boot for 150 ms before they listen (`--boot-ms`): one younger than this
+/// cannot be healthy, so cannot be registered, so carries no traffic.
+const STARTING_AGE_MS: u64 = 100;
+
+/// SIGKILLs one instance that is still booting (younger than [`STARTING_AGE_MS`], not
+/// registered), if any: a kill that could land on a serving instance would fail its
+/// requests in flight, which no rollout can prevent.
+fn kill_starting_instance(rig: &Rig, rng: &mut Rng, within: Duration) -> Option<String> {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(a) = kill_one_booting(rig, rng) {
+            return Some(a);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill_one_booting(rig: &Rig, rng: &mut Rng) -> Option<String> {
     let registered: BTreeSet<String> = rig.coord.json(&["registry", "list", "-o", "json"])["services"]
         .as_array()
         .into_iter()
@@ -276,7 +308,10 @@ fn kill_starting_instance(rig: &Rig, rng: &mut Rng) -> Option<String> {
         .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
         .filter_map(|i| i["address"].as_str().map(str::to_owned))
         .collect();
-    let starting: Vec<(String, String)> = pids(POOL).into_iter().filter(|(a, _)| !registered.contains(a)).collect();
+    let starting: Vec<(String, String)> = pids(POOL)
+        .into_iter()
+        .filter(|(a, pid)| !registered.contains(a) && age_ms(pid).is_some_and(|ms| ms < STARTING_AGE_MS))
+        .collect();
     if starting.is_empty() {
         return None;
     }
