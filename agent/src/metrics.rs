@@ -202,6 +202,15 @@ pub fn render(maps: &Maps, state: &State) -> Result<String, prometheus::Error> {
     )?;
     reg.register(Box::new(revision.clone()))?;
     revision.with_label_values(&[node]).set(maps.revision().map_or(0, |r| r as i64));
+    let invariant = IntGaugeVec::new(
+        Opts::new(
+            "hitless_agent_slots_to_unserving_backends",
+            "Slots of the tables in force that point at a missing, draining or down backend, read back from the kernel: always 0 unless the update order broke (a scrape racing an apply may see one for a moment).",
+        ),
+        &["node"],
+    )?;
+    reg.register(Box::new(invariant.clone()))?;
+    invariant.with_label_values(&[node]).set(maps.slots_to_unserving() as i64);
     let entries =
         IntGaugeVec::new(Opts::new("hitless_agent_map_entries", "Entries in a datapath map."), &["node", "map"])?;
     let capacity =

@@ -266,6 +266,32 @@ impl Maps {
         self.active.get(ep, 0).is_ok()
     }
 
+    /// The datapath's first invariant, read back from the kernel: slots of the
+    /// generation in force (the tables `pick()` reads) that point at a backend that is
+    /// missing, not serving, or of another service. Always 0 unless an apply broke the
+    /// update order. One lookup per slot in force and per backend they name: for
+    /// scrapes and tests, not for a hot path.
+    pub fn slots_to_unserving(&self) -> usize {
+        let mut bad = 0;
+        let mut backends: std::collections::HashMap<u32, Option<Backend>> = std::collections::HashMap::new();
+        for (sid, svc) in self.services.iter().filter_map(Result::ok) {
+            for (table, n) in [(crate::abi::TABLE_V4, svc.slots4), (crate::abi::TABLE_V6, svc.slots6)] {
+                for slot in 0..n {
+                    let key = SlotKey { service_id: sid, slot, table, gen: svc.gen as u8 };
+                    let Ok(bid) = self.slots.get(&key, 0) else {
+                        bad += 1;
+                        continue;
+                    };
+                    let be = *backends.entry(bid).or_insert_with(|| self.backends.get(&bid, 0).ok());
+                    if !be.is_some_and(|b| b.state == crate::abi::STATE_SERVING && b.service_id == sid) {
+                        bad += 1;
+                    }
+                }
+            }
+        }
+        bad
+    }
+
     /// Entries and capacity of each map the agent writes: (name, entries, capacity).
     pub fn fill(&self) -> Vec<(&'static str, usize, usize)> {
         vec![

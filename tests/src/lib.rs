@@ -391,6 +391,12 @@ impl Node {
         self.wait_revision(before + 1)
     }
 
+    /// Slots in force that point at a backend that is not serving, read back from the
+    /// kernel (the datapath's invariant: 0 after every test).
+    pub fn slots_to_unserving(&self) -> usize {
+        hitless_agent::writer::Maps::open(&self.pin_dir).map_or(usize::MAX, |m| m.slots_to_unserving())
+    }
+
     /// Active server-side connections of a local backend, as the kernel counts them.
     pub fn active(&self, addr: &str) -> i64 {
         let ep = hitless_agent::abi::Endpoint::new(addr.parse().expect("addr"), hitless_agent::abi::PROTO_TCP);

@@ -98,6 +98,14 @@ fn random_kills_of_the_coordinator_and_agents_lose_nothing_and_every_rollout_rea
         }
         let processes: BTreeSet<String> = running.keys().cloned().collect();
         assert_eq!(processes, listed, "{what}: the processes running are exactly the instances listed");
+        for n in &rig.nodes {
+            assert_eq!(
+                n.slots_to_unserving(),
+                0,
+                "{what}: node {}: a slot in force points at a backend not serving",
+                n.name
+            );
+        }
     }
     println!("{kills} SIGKILLs, {mid_rollout} of them while a rollout ran (HITLESS_SEED={seed})");
     assert!(kills >= 20);

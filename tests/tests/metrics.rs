@@ -118,3 +118,36 @@ fn an_oversized_request_line_is_answered_without_being_read_whole() {
     // Still serving afterwards.
     assert!(scrape(addr).contains_key(&format!("hitless_agent_applied_revision{{node=\"{}\"}}", node.name)));
 }
+
+#[test]
+fn the_invariant_check_counts_slots_that_point_at_a_backend_not_serving() {
+    use aya::maps::{HashMap as BpfHash, Map, MapData};
+    use hitless_agent::abi::{Backend, STATE_DRAINING};
+    let mut node = Node::new("invariant");
+    let addr = "127.135.3.1:9477";
+    node.agent_args(&["--metrics-addr", addr]);
+    node.write_registry(
+        "services:\n  - name: cart\n    vips: [\"127.77.70.9:8080\"]\n    backends: [{ address: \"127.135.3.2:8080\" }, { address: \"127.135.3.3:8080\", state: draining }]\n",
+    );
+    node.start_agent();
+    assert_eq!(node.slots_to_unserving(), 0, "the agent keeps the invariant");
+    let gauge = |m: &BTreeMap<String, f64>| value(m, "hitless_agent_slots_to_unserving_backends", &[]);
+    assert_eq!(gauge(&scrape(addr)), 0.0);
+
+    // Break it behind the agent's back: mark the serving backend draining in the kernel
+    // while its slots still point at it. The check must see every such slot.
+    let data = MapData::from_pin(node.pin_dir.join("hl_backends")).expect("pinned hl_backends");
+    let mut backends: BpfHash<MapData, u32, Backend> = Map::HashMap(data).try_into().expect("hash map");
+    let serving: Vec<(u32, Backend)> =
+        backends.iter().filter_map(Result::ok).filter(|(_, b)| b.state != STATE_DRAINING).collect();
+    assert_eq!(serving.len(), 1, "one serving backend");
+    let (id, mut b) = serving[0];
+    let original = b;
+    b.state = STATE_DRAINING;
+    backends.insert(id, b, 0).expect("write");
+    let broken = node.slots_to_unserving();
+    assert!(broken > 0, "the check sees slots pointing at a draining backend");
+    assert_eq!(gauge(&scrape(addr)), broken as f64, "and /metrics says so");
+    backends.insert(id, original, 0).expect("restore");
+    assert_eq!(node.slots_to_unserving(), 0);
+}

@@ -60,12 +60,14 @@ struct Tally {
     orphaned: u64,
     doubled: u64,
     targets: u32,
+    /// Node checks that found a slot pointing at a backend that is not serving.
+    invariant: u32,
 }
 
 impl Tally {
     fn line(&self) -> String {
         format!(
-            "soak: {} rollouts, {} kills ({} coordinator, {} agent, {} instance, {} mid-step), {} failed requests, {} orphaned, {} doubled, {} targets reached",
+            "soak: {} rollouts, {} kills ({} coordinator, {} agent, {} instance, {} mid-step), {} failed requests, {} orphaned, {} doubled, {} targets reached, {} invariant violations",
             self.rollouts,
             self.kills,
             self.coordinator,
@@ -75,12 +77,17 @@ impl Tally {
             self.failed,
             self.orphaned,
             self.doubled,
-            self.targets
+            self.targets,
+            self.invariant
         )
     }
 
     fn clean(&self) -> bool {
-        self.failed == 0 && self.orphaned == 0 && self.doubled == 0 && self.targets == self.rollouts
+        self.failed == 0
+            && self.orphaned == 0
+            && self.doubled == 0
+            && self.targets == self.rollouts
+            && self.invariant == 0
     }
 }
 
@@ -219,6 +226,15 @@ fn soak(rollouts: u32, kills: u32, seed: u64, t: &mut Tally) {
             println!("{what}: orphaned instances (running, not serving in the registry): {orphans:?}");
         }
         t.orphaned += orphans.len() as u64;
+        // The datapath's invariant on every node: no slot in force points at a backend
+        // that is not serving.
+        for n in &rig.nodes {
+            let bad = n.slots_to_unserving();
+            if bad != 0 {
+                println!("{what}: node {}: {bad} slots point at a backend that is not serving", n.name);
+                t.invariant += 1;
+            }
+        }
         println!(
             "{what}: {}; wrk {} requests at {:.0}/s, {} failed; probes {} failed; nginx {} errors",
             r["state"],
