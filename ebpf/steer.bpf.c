@@ -61,11 +61,12 @@ static __always_inline void count(__u32 sid, int which)
  * family, or NULL when the service has none. */
 static __always_inline struct hl_backend *pick(__u32 sid, __u8 table)
 {
-	/* Two tries: the agent deletes an old slot generation right after it
-	 * swaps the service to the new one, and marks a backend draining right
-	 * after its slots are gone. A reader that raced such an update misses
-	 * (or finds the backend no longer serving) and re-reads the service,
-	 * which by then names the new generation. */
+	/* Two tries: the agent marks a backend draining right after the swap
+	 * that took its slots away, and keeps the retired generation until it
+	 * overwrites it at the next swap (or trims it a second later). A reader
+	 * that raced such an update finds the backend no longer serving (or, in
+	 * a trimmed table, no slot) and re-reads the service, which by then
+	 * names the new generation. */
 #pragma unroll
 	for (int attempt = 0; attempt < 2; attempt++) {
 		struct hl_service *svc = bpf_map_lookup_elem(&hl_services, &sid);
