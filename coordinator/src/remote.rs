@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// (about two scrape intervals).
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub prometheus_lag: Duration,
+    /// How long a stopped instance stays registered as `down` (so that clients whose
+    /// registry cache still lists it are steered to a sibling) before it is removed.
+    #[arg(long, value_name = "DURATION", default_value = "3m")]
+    pub tombstone: Duration,
 }
 
 /// `hitless drain` / `hitless undrain`.
@@ -243,6 +247,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), RemoteError> {
             health_timeout: args.health_timeout.to_std(),
             prometheus: args.prometheus_url.clone(),
             prometheus_lag: args.prometheus_lag.to_std(),
+            tombstone: args.tombstone.to_std(),
         };
         hitless_coordinator::server::serve(args.listen, &args.data_dir, settings, |addr| println!("listening on {addr}"), shutdown)
             .await

@@ -11,13 +11,16 @@ use hitless_proto::v1 as pb;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::registry::{Changes, RegistryState};
+use crate::registry::{Changes, Key, RegistryState};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 /// Other durable records (the rollout), by name.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+/// Tombstones: when each stopped instance kept `down` is due for removal (wall clock,
+/// milliseconds since the Unix epoch), by instance.
+const TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("tombstones");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,10 @@ fn instance_key(service: &str, address: &str) -> String {
     format!("{service}\0{address}")
 }
 
+/// A tombstone: the instance kept `down`, and when it is due for removal (milliseconds
+/// since the Unix epoch).
+pub type Tombstone = (Key, u64);
+
 impl Store {
     /// Opens (or creates) `dir/registry.redb`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -67,6 +74,7 @@ impl Store {
             tx.open_table(SERVICES)?;
             tx.open_table(INSTANCES)?;
             tx.open_table(RECORDS)?;
+            tx.open_table(TOMBSTONES)?;
             tx.commit()?;
             Ok(db)
         })()
@@ -111,13 +119,27 @@ impl Store {
         Ok(RegistryState::from_parts(revision, services, instances))
     }
 
-    /// Writes `changes` as `revision` in one durable transaction.
+    /// Writes `changes` as `revision` in one durable transaction. A tombstone goes with
+    /// its instance: removed with it, and when the instance is written in another state
+    /// than `down` (its address came back).
     pub fn commit(&self, changes: &Changes, revision: u64) -> Result<(), StoreError> {
+        self.commit_burying(changes, revision, None)
+    }
+
+    /// Like [`Store::commit`], and records `buried` in the same transaction (the change
+    /// that marks it down).
+    pub fn commit_burying(
+        &self,
+        changes: &Changes,
+        revision: u64,
+        buried: Option<&Tombstone>,
+    ) -> Result<(), StoreError> {
         let write = || -> Result<(), redb::Error> {
             let tx = self.db.begin_write()?;
             {
                 let mut services = tx.open_table(SERVICES)?;
                 let mut instances = tx.open_table(INSTANCES)?;
+                let mut tombstones = tx.open_table(TOMBSTONES)?;
                 for name in &changes.removed_services {
                     services.remove(name.as_str())?;
                     let prefix = format!("{name}\0");
@@ -128,6 +150,7 @@ impl Store {
                         .collect::<Result<_, _>>()?;
                     for k in doomed {
                         instances.remove(k.as_str())?;
+                        tombstones.remove(k.as_str())?;
                     }
                 }
                 for s in &changes.services {
@@ -135,9 +158,17 @@ impl Store {
                 }
                 for (svc, addr) in &changes.removed_instances {
                     instances.remove(instance_key(svc, addr).as_str())?;
+                    tombstones.remove(instance_key(svc, addr).as_str())?;
                 }
                 for i in &changes.instances {
-                    instances.insert(instance_key(&i.service, &i.address).as_str(), i.encode_to_vec().as_slice())?;
+                    let key = instance_key(&i.service, &i.address);
+                    instances.insert(key.as_str(), i.encode_to_vec().as_slice())?;
+                    if i.state() != pb::InstanceState::Down {
+                        tombstones.remove(key.as_str())?;
+                    }
+                }
+                if let Some(((svc, addr), due)) = buried {
+                    tombstones.insert(instance_key(svc, addr).as_str(), *due)?;
                 }
                 tx.open_table(META)?.insert("revision", revision)?;
             }
@@ -170,6 +201,55 @@ impl Store {
             Ok(v)
         };
         read().map_err(self.db_err())
+    }
+}
+
+impl Store {
+    /// Every tombstone stored.
+    pub fn tombstones(&self) -> Result<Vec<Tombstone>, StoreError> {
+        let read = || -> Result<Vec<Tombstone>, redb::Error> {
+            let tx = self.db.begin_read()?;
+            let mut out = Vec::new();
+            for row in tx.open_table(TOMBSTONES)?.iter()? {
+                let (k, v) = row?;
+                if let Some((svc, addr)) = k.value().split_once('\0') {
+                    out.push(((svc.to_owned(), addr.to_owned()), v.value()));
+                }
+            }
+            Ok(out)
+        };
+        read().map_err(self.db_err())
+    }
+
+    /// Records (or moves) the tombstone of `key`, due at `due` (ms since the epoch).
+    pub fn put_tombstone(&self, key: &Key, due: u64) -> Result<(), StoreError> {
+        self.write_row(TOMBSTONES, &instance_key(&key.0, &key.1), Some(due))
+    }
+
+    /// Forgets the tombstone of `key`.
+    pub fn remove_tombstone(&self, key: &Key) -> Result<(), StoreError> {
+        self.write_row(TOMBSTONES, &instance_key(&key.0, &key.1), None)
+    }
+
+    /// Inserts (`Some`) or removes (`None`) one row, durably.
+    fn write_row(&self, table: TableDefinition<&str, u64>, key: &str, value: Option<u64>) -> Result<(), StoreError> {
+        let write = || -> Result<(), redb::Error> {
+            let tx = self.db.begin_write()?;
+            {
+                let mut t = tx.open_table(table)?;
+                match value {
+                    Some(v) => {
+                        t.insert(key, v)?;
+                    }
+                    None => {
+                        t.remove(key)?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        };
+        write().map_err(self.db_err())
     }
 }
 

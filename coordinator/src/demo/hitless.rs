@@ -45,6 +45,7 @@ impl<'a> Cluster<'a> {
                 health_timeout: Duration::from_secs(30),
                 prometheus: None,
                 prometheus_lag: Duration::ZERO,
+                tombstone: hitless_coordinator::server::TOMBSTONE_TTL,
             };
             let ready = move |a| {
                 let _ = bound_tx.send(a);

@@ -21,7 +21,7 @@ use tracing::info;
 
 pub use control::DEFAULT_DRAIN_TIMEOUT;
 pub use registry_api::{MAX_REGISTRY_TEXT, MAX_REGISTRY_YAML};
-pub use state::{AckEvent, NodeInfo, Shared};
+pub use state::{AckEvent, NodeInfo, Shared, TOMBSTONE_TTL};
 
 use crate::store::{Store, StoreError};
 
@@ -60,6 +60,21 @@ pub struct Settings {
     /// How long after a gate's window Prometheus has scraped its last samples (about
     /// two scrape intervals).
     pub prometheus_lag: Duration,
+    /// How long a stopped instance stays in the registry as `down` (a tombstone), so
+    /// that clients whose registry cache still lists it are steered, before it is removed.
+    pub tombstone: Duration,
+}
+
+impl Default for Settings {
+    /// The command line's defaults.
+    fn default() -> Self {
+        Self {
+            health_timeout: crate::engine::run::HEALTH_TIMEOUT,
+            prometheus: None,
+            prometheus_lag: Duration::from_secs(30),
+            tombstone: TOMBSTONE_TTL,
+        }
+    }
 }
 
 /// Opens the store in `data_dir`, binds `listen`, calls `ready` with the bound address,

@@ -4,10 +4,13 @@
 //! Every change goes through [`Shared::mutate`]: compute, commit to the store, apply in
 //! memory, publish — under one lock, so revisions are strictly ordered and what agents
 //! receive is always what the store holds.
+//!
+//! The tombstones of stopped instances are stored too, so that a restarted coordinator
+//! still reaps what it buried. Locks are taken in the order inner, tombstones.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hitless_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
@@ -79,8 +82,11 @@ pub struct Shared {
     rollout: Mutex<Option<Rollout>>,
     /// Wakes the engine: a push, pause, resume, promote or abort.
     pub wake: Notify,
-    /// Stopped instances kept `down` so that stale clients dialling them are still steered.
+    /// Stopped instances kept `down` so that stale clients dialling them are still
+    /// steered, with when each is due for removal (also in the store).
     tombstones: Mutex<BTreeMap<Key, Instant>>,
+    /// How long a tombstone lasts.
+    pub tombstone: Duration,
     /// Longest wait for a new instance to become healthy.
     pub health_timeout: Duration,
     /// The Prometheus server analysis gates query, when one is configured, and how long
@@ -93,10 +99,54 @@ pub struct Shared {
 /// Totals of one version of a service over every node: (connects, failed, resets).
 pub type VersionTotals = BTreeMap<(String, String), (u64, u64, u64)>;
 
-/// How long a stopped instance stays in the registry as `down`: clients whose registry
-/// cache still lists it (caches refresh every 30 s; Eureka can lag 2 minutes) keep being
-/// steered to a serving sibling meanwhile.
+/// How long a stopped instance stays in the registry as `down`, unless the coordinator
+/// is told otherwise (`--tombstone`): clients whose registry cache still lists it (caches
+/// refresh every 30 s; Eureka can lag 2 minutes) keep being steered to a serving sibling
+/// meanwhile.
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(180);
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The instant of a wall-clock deadline (now when it has passed).
+fn instant_of(due_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(due_ms.saturating_sub(unix_ms(SystemTime::now())))
+}
+
+/// The tombstones of a store just opened: those stored, and a full `period` for any
+/// instance a rollout stopped that has none (a store written before tombstones were
+/// stored). Records of instances no longer down are dropped.
+fn load_tombstones(store: &Store, state: &RegistryState, period: Duration) -> BTreeMap<Key, Instant> {
+    let stored = store.tombstones().unwrap_or_else(|e| {
+        warn!(error = %e, "tombstones not read; every stopped instance gets a full tombstone period");
+        Vec::new()
+    });
+    let mut out = BTreeMap::new();
+    for (key, due) in stored {
+        if state.instance(&key).is_some_and(|i| i.state() == pb::InstanceState::Down) {
+            out.insert(key, instant_of(due));
+        } else if let Err(e) = store.remove_tombstone(&key) {
+            warn!(service = %key.0, address = %key.1, error = %e, "stale tombstone not removed");
+        }
+    }
+    // Only instances a rollout ran (on a node, with no lease) are buried: a registry
+    // file's `state: down` backend or a lapsed lease is not a tombstone.
+    let due = unix_ms(SystemTime::now()) + period.as_millis() as u64;
+    for i in state.instances() {
+        let key = (i.service.clone(), i.address.clone());
+        let buried = i.state() == pb::InstanceState::Down && !i.node.is_empty() && i.ttl_ms == 0;
+        if buried && !out.contains_key(&key) {
+            info!(service = %key.0, address = %key.1, "down with no tombstone stored: kept for a full tombstone period");
+            if let Err(e) = store.put_tombstone(&key, due) {
+                warn!(service = %key.0, address = %key.1, error = %e, "tombstone not stored");
+            }
+            out.insert(key, Instant::now() + period);
+        }
+    }
+    out
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A handler that panicked while holding the lock left the data consistent (every
@@ -116,6 +166,7 @@ impl From<RegistryError> for Status {
 impl Shared {
     /// State loaded from `store`; every leased instance gets a full TTL of grace.
     pub fn new(state: RegistryState, store: Store, settings: super::Settings) -> Arc<Self> {
+        let tombstones = load_tombstones(&store, &state, settings.tombstone);
         let now = Instant::now();
         let leases = state
             .instances()
@@ -137,7 +188,8 @@ impl Shared {
             reports,
             rollout: Mutex::new(rollout),
             wake: Notify::new(),
-            tombstones: Mutex::new(BTreeMap::new()),
+            tombstones: Mutex::new(tombstones),
+            tombstone: settings.tombstone,
             health_timeout: settings.health_timeout,
             prometheus: settings.prometheus.map(|u| (u, settings.prometheus_lag)),
             counters: Mutex::new(BTreeMap::new()),
@@ -244,14 +296,37 @@ impl Shared {
     }
 
     fn commit(&self, inner: &mut Inner, changes: &Changes) -> Result<u64, Status> {
+        self.commit_burying(inner, changes, None)
+    }
+
+    /// Commits `changes`, and the tombstone `buried` (due at a wall-clock time) with them.
+    fn commit_burying(
+        &self,
+        inner: &mut Inner,
+        changes: &Changes,
+        buried: Option<&crate::store::Tombstone>,
+    ) -> Result<u64, Status> {
         if changes.is_empty() {
             return Ok(inner.state.revision());
         }
         let revision = inner.state.revision() + 1;
         // Durable first: a SIGKILL after this line loses nothing that was acknowledged.
-        tokio::task::block_in_place(|| inner.store.commit(changes, revision))
+        tokio::task::block_in_place(|| inner.store.commit_burying(changes, revision, buried))
             .map_err(|e| Status::internal(format!("the change was not stored (nothing changed): {e}")))?;
         inner.state.commit(changes);
+        {
+            // As in the store: a tombstone goes with its instance.
+            let mut t = lock(&self.tombstones);
+            for k in &changes.removed_instances {
+                t.remove(k);
+            }
+            for name in &changes.removed_services {
+                t.retain(|(s, _), _| s != name);
+            }
+            for i in changes.instances.iter().filter(|i| i.state() != pb::InstanceState::Down) {
+                t.remove(&(i.service.clone(), i.address.clone()));
+            }
+        }
         for k in &changes.removed_instances {
             inner.leases.remove(k);
             inner.lapsed.remove(k);
@@ -326,19 +401,31 @@ impl Shared {
         out
     }
 
-    /// Marks a stopped instance down and keeps it for [`TOMBSTONE_TTL`].
+    /// Marks a stopped instance down and keeps it for the tombstone time: the state
+    /// and its tombstone (due at a wall-clock time) are stored in one transaction.
     pub fn bury(&self, key: &Key) -> Result<u64, Status> {
-        let revision = self.mutate(|s| s.set_state(key, pb::InstanceState::Down))?;
-        lock(&self.tombstones).insert(key.clone(), Instant::now());
+        let buried = (key.clone(), unix_ms(SystemTime::now()) + self.tombstone.as_millis() as u64);
+        let mut inner = lock(&self.inner);
+        let changes = inner.state.set_state(key, pb::InstanceState::Down)?;
+        let revision = if changes.is_empty() {
+            // Down already (a retried stop): its tombstone starts again.
+            tokio::task::block_in_place(|| inner.store.put_tombstone(key, buried.1))
+                .map_err(|e| Status::internal(format!("the tombstone was not stored: {e}")))?;
+            inner.state.revision()
+        } else {
+            self.commit_burying(&mut inner, &changes, Some(&buried))?
+        };
+        lock(&self.tombstones).insert(key.clone(), Instant::now() + self.tombstone);
         Ok(revision)
     }
 
-    /// Removes the tombstones older than [`TOMBSTONE_TTL`] (unless the address came back).
+    /// Removes the tombstones that are due (unless the address came back); one whose
+    /// removal fails is tried again a tombstone time later.
     fn reap_tombstones(&self) {
+        let now = Instant::now();
         let due: Vec<Key> = {
             let mut t = lock(&self.tombstones);
-            let due: Vec<Key> =
-                t.iter().filter(|(_, at)| at.elapsed() > TOMBSTONE_TTL).map(|(k, _)| k.clone()).collect();
+            let due: Vec<Key> = t.iter().filter(|(_, at)| **at <= now).map(|(k, _)| k.clone()).collect();
             for k in &due {
                 t.remove(k);
             }
@@ -346,16 +433,28 @@ impl Shared {
         };
         for k in due {
             let still_down = self.instance(&k).is_some_and(|i| i.state() == pb::InstanceState::Down);
-            if still_down {
-                if let Err(e) = self.mutate(|s| s.deregister(&k)) {
+            if !still_down {
+                continue;
+            }
+            match self.mutate(|s| s.deregister(&k)) {
+                Ok(_) => info!(service = %k.0, address = %k.1, "tombstone removed"),
+                Err(e) => {
                     warn!(service = %k.0, address = %k.1, error = %e, "tombstone not removed; retrying");
-                    lock(&self.tombstones).insert(k, Instant::now());
+                    let again = unix_ms(SystemTime::now()) + self.tombstone.as_millis() as u64;
+                    let _ = tokio::task::block_in_place(|| lock(&self.inner).store.put_tombstone(&k, again));
+                    lock(&self.tombstones).insert(k, Instant::now() + self.tombstone);
                 }
             }
         }
     }
 
-    /// Marks instances whose lease lapsed down; removes those lapsed for 3 TTLs.
+    /// When each tombstone is due.
+    pub fn tombstones(&self) -> BTreeMap<Key, Instant> {
+        lock(&self.tombstones).clone()
+    }
+
+    /// Marks instances whose lease lapsed down; removes those lapsed for 3 TTLs. Also
+    /// removes the tombstones that are due.
     pub fn expire_leases(&self) {
         self.reap_tombstones();
         let mut inner = lock(&self.inner);

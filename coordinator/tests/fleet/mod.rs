@@ -37,19 +37,41 @@ impl Drop for Scratch {
 /// Opens the store in `dir` and starts the engine over it, as `hitless coordinator`
 /// does (lease and tombstone expiry included).
 pub fn coordinator(dir: &std::path::Path, health_timeout: Duration) -> Arc<Shared> {
+    let settings = Settings { health_timeout, prometheus_lag: Duration::ZERO, ..Settings::default() };
+    coordinator_with(dir, settings).0
+}
+
+/// The tasks of a coordinator started by [`coordinator_with`].
+pub struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    /// Stops them and waits until they are gone (with them their hold on the store, once
+    /// the test drops its `Shared` and the agents too).
+    pub async fn stop(self) {
+        for t in &self.0 {
+            t.abort();
+        }
+        for t in self.0 {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Like [`coordinator`], with `settings`, and the tasks so that a test can stop them (a
+/// coordinator restart: stop, drop every `Shared` and agent, open the same `dir` again).
+pub fn coordinator_with(dir: &std::path::Path, settings: Settings) -> (Arc<Shared>, Tasks) {
     let store = Store::open(dir).expect("store");
     let state = store.load().expect("load");
-    let settings = Settings { health_timeout, prometheus: None, prometheus_lag: Duration::ZERO };
     let shared = Shared::new(state, store, settings);
     let expiry = shared.clone();
-    tokio::spawn(async move {
+    let reaper = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
             expiry.expire_leases();
         }
     });
-    tokio::spawn(hitless_coordinator::engine::run::run(shared.clone()));
-    shared
+    let engine = tokio::spawn(hitless_coordinator::engine::run::run(shared.clone()));
+    (shared, Tasks(vec![reaper, engine]))
 }
 
 /// What a fake agent does with the next start it is sent.
@@ -131,6 +153,21 @@ impl Agent {
     /// session ends.
     pub fn start(shared: &Arc<Shared>, node: &str, net: u8) -> Self {
         let state = Arc::new(Mutex::new(AgentState { next: 1, ..AgentState::default() }));
+        Self::resume(shared, node, net, state)
+    }
+
+    /// Stops the agent (its session ends unannounced, as when it is killed) and returns
+    /// its state, to start it again with [`Agent::resume`].
+    pub async fn stop(mut self) -> Arc<Mutex<AgentState>> {
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        task.abort();
+        let _ = task.await;
+        self.state.clone()
+    }
+
+    /// Starts an agent of `node` again with the state it had (what it runs survives it),
+    /// connected to `shared` (maybe another coordinator).
+    pub fn resume(shared: &Arc<Shared>, node: &str, net: u8, state: Arc<Mutex<AgentState>>) -> Self {
         let (shared, name, st) = (shared.clone(), node.to_owned(), state.clone());
         let task = tokio::spawn(async move {
             loop {
