@@ -33,6 +33,8 @@ use hitless_tests::{bin, require_root, spawn_ready, Cgroup, Node};
 mod bench;
 
 const SINK: &str = "127.110.0.1:9000";
+/// Sinks run inside a node's cgroup for the server side of `metrics` (counting on, off).
+const SERVER_SINKS: [&str; 2] = ["127.110.0.2:9000", "127.110.0.3:9000"];
 const SIZES: [usize; 3] = [1, 1_000, 10_000];
 
 fn main() -> anyhow::Result<()> {
@@ -454,6 +456,7 @@ fn metrics(count: u32, rounds: usize) -> anyhow::Result<()> {
     let stats = BpfStats::enable();
     let _sink = sink();
     let direct_cg = Cgroup::new("bench-m-direct");
+    // Client side: a client in the node's cgroup dials a VIP; the sink is outside it.
     let mut nodes = Vec::new();
     for name in ["bench-m-on", "bench-m-off"] {
         let mut node = Node::new(name);
@@ -462,57 +465,85 @@ fn metrics(count: u32, rounds: usize) -> anyhow::Result<()> {
         node.kill_agent();
         nodes.push(node);
     }
-    // Detach the counting program on the second node: removing a link's pin detaches it.
-    std::fs::remove_file(nodes[1].pin_dir.join("links/hl_sockops")).context("detaching sockops")?;
+    // Server side: the sink runs in the node's cgroup as a registered backend (what a
+    // drain waits on), dialled directly by a client outside any hook.
+    let mut servers = Vec::new();
+    let mut server_sinks = Vec::new();
+    for (name, addr) in [("bench-m-srv-on", SERVER_SINKS[0]), ("bench-m-srv-off", SERVER_SINKS[1])] {
+        let mut node = Node::new(name);
+        node.write_registry(&format!(
+            "services:\n  - {{ name: served, vips: [\"127.79.9.2:9000\"], backends: [{{ address: \"{addr}\" }}] }}\n"
+        ));
+        node.start_agent();
+        node.kill_agent();
+        let mut cmd = node.cgroup.command(bin("hitless-probe"));
+        cmd.args(["sink", "--tcp", addr, "--cpu", "1"]);
+        server_sinks.push(spawn_ready(cmd));
+        servers.push(node);
+    }
+    // Detach the counting program on the "off" nodes: removing a link's pin detaches it.
+    for n in [&nodes[1], &servers[1]] {
+        std::fs::remove_file(n.pin_dir.join("links/hl_sockops")).context("detaching sockops")?;
+    }
     let mut cgroups: BTreeMap<std::path::PathBuf, &Cgroup> = BTreeMap::new();
     cgroups.insert(direct_cg.path().to_owned(), &direct_cg);
-    for n in &nodes {
+    for n in nodes.iter().chain(&servers) {
         cgroups.insert(n.cgroup.path().to_owned(), &n.cgroup);
     }
+    let direct = || Some(direct_cg.path().to_owned());
     let configs = vec![
-        Config { label: "direct, no hook".into(), cgroup: Some(direct_cg.path().to_owned()), addr: SINK.into() },
+        Config { label: "direct, no hook".into(), cgroup: direct(), addr: SINK.into() },
         Config {
-            label: "hook, counting on".into(),
+            label: "client side: hook, counting on".into(),
             cgroup: Some(nodes[0].cgroup.path().to_owned()),
             addr: "127.79.9.1:9000".into(),
         },
         Config {
-            label: "hook, counting off".into(),
+            label: "client side: hook, counting off".into(),
             cgroup: Some(nodes[1].cgroup.path().to_owned()),
             addr: "127.79.9.1:9000".into(),
         },
+        Config { label: "server side: counting on".into(), cgroup: direct(), addr: SERVER_SINKS[0].into() },
+        Config { label: "server side: counting off".into(), cgroup: direct(), addr: SERVER_SINKS[1].into() },
     ];
     eprintln!("measuring the counting program: {} configs x {rounds} rounds x {count} connects", configs.len());
-    let before = prog_stats(&nodes[0].pin_dir, "hl_sockops");
+    let before = [prog_stats(&nodes[0].pin_dir, "hl_sockops"), prog_stats(&servers[0].pin_dir, "hl_sockops")];
     let r = measure(&configs, &cgroups, count, rounds)?;
-    let after = prog_stats(&nodes[0].pin_dir, "hl_sockops");
+    let after = [prog_stats(&nodes[0].pin_dir, "hl_sockops"), prog_stats(&servers[0].pin_dir, "hl_sockops")];
     drop(stats);
-    println!("\nmetrics: connect+close to a VIP; {rounds} interleaved rounds of {count} connects");
+    drop(server_sinks);
+    println!("\nmetrics: connect+close; {rounds} interleaved rounds of {count} connects");
     println!("| path | connects/s | vs direct |");
     println!("|---|---:|---:|");
     for (c, x) in configs.iter().zip(&r) {
         println!("| {} | {:.0} | {:.3} |", c.label, median(x.clone()), ratio(x, &r[0]));
     }
-    println!("counting costs {:.1} % of the connect rate (target <= 3 %)", (1.0 - ratio(&r[1], &r[2])) * 100.0);
-    let on_off = ratio(&r[1], &r[2]);
-    summary("metrics", "counting on vs off: connect+close rate", on_off, ">= 0.97", Some(on_off >= 0.97));
-    // The program's own kernel time per connection (it runs at several TCP events of
-    // each), against a direct connect+close: the same cost, free of the machine's noise.
-    if let (Some((t0, n0)), Some((t1, n1))) = (before, after) {
-        // measure() ran the warm-up (count / 5) and every round on this config.
-        let connections = f64::from(count / 5) + f64::from(count) * rounds as f64;
+    let client = ratio(&r[1], &r[2]);
+    let server = ratio(&r[3], &r[4]);
+    println!(
+        "client-side counting costs {:.1} % of the connect rate, server-side {:.1} % (target <= 3 % each)",
+        (1.0 - client) * 100.0,
+        (1.0 - server) * 100.0
+    );
+    summary("metrics", "client-side counting on vs off: connect+close rate", client, ">= 0.97", Some(client >= 0.97));
+    summary("metrics", "server-side counting on vs off: connect+close rate", server, ">= 0.97", Some(server >= 0.97));
+    // Each side's own kernel time per connection (the program runs at several TCP events
+    // of each), against a direct connect+close: the same cost, free of the machine's noise.
+    let connections = f64::from(count / 5) + f64::from(count) * rounds as f64; // warm-up + rounds
+    let connect_ns = 1e9 / median(r[0].clone());
+    for (side, b, a) in [("client", before[0], after[0]), ("server", before[1], after[1])] {
+        let (Some((t0, n0)), Some((t1, n1))) = (b, a) else { continue };
         let per_conn = (t1 - t0) as f64 / connections;
-        let connect_ns = 1e9 / median(r[0].clone());
         let share = per_conn / connect_ns;
         println!(
-            "the counting program's own cost: {per_conn:.0} ns per connection ({:.1} runs), {:.2} % of a {:.1} µs connect+close",
+            "{side} side: the counting program's own cost is {per_conn:.0} ns per connection ({:.1} runs), {:.2} % of a {:.1} µs connect+close",
             (n1 - n0) as f64 / connections,
             share * 100.0,
             connect_ns / 1e3
         );
         summary(
             "metrics",
-            "sockops program time per connection / direct connect+close",
+            &format!("{side}-side sockops time per connection / direct connect+close"),
             share,
             "<= 0.03",
             Some(share <= 0.03),
