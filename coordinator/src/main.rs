@@ -39,6 +39,9 @@ enum Command {
     /// Read and change the coordinator's registry.
     #[command(subcommand)]
     Registry(remote::RegistryCommand),
+    /// The node roster: list it, or retire a node that is gone.
+    #[command(subcommand)]
+    Node(remote::NodeCommand),
     /// Start a rollout to a target architecture (or retarget the one running).
     Push(remote::PushArgs),
     /// Hold the rollout before its next step.
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
         Command::Drain(args) => remote::drain(url, &args, false).map_err(Failure::from),
         Command::Undrain(args) => remote::drain(url, &args, true).map_err(Failure::from),
         Command::Registry(cmd) => remote::registry(url, &cmd).map_err(Failure::from),
+        Command::Node(cmd) => remote::node(url, &cmd).map_err(Failure::from),
         Command::Push(args) => remote::push(url, &args).map_err(Failure::from),
         Command::Pause => remote::control(url, "pause").map_err(Failure::from),
         Command::Resume => remote::control(url, "resume").map_err(Failure::from),

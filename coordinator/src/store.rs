@@ -21,6 +21,9 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// Tombstones: when each stopped instance kept `down` is due for removal (wall clock,
 /// milliseconds since the Unix epoch), by instance.
 const TOMBSTONES: TableDefinition<&str, u64> = TableDefinition::new("tombstones");
+/// The node roster: every node whose agent said hello and that was not removed since,
+/// with its last contact (wall clock, milliseconds since the Unix epoch).
+const NODES: TableDefinition<&str, u64> = TableDefinition::new("nodes");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,7 @@ impl Store {
             tx.open_table(INSTANCES)?;
             tx.open_table(RECORDS)?;
             tx.open_table(TOMBSTONES)?;
+            tx.open_table(NODES)?;
             tx.commit()?;
             Ok(db)
         })()
@@ -229,6 +233,47 @@ impl Store {
     /// Forgets the tombstone of `key`.
     pub fn remove_tombstone(&self, key: &Key) -> Result<(), StoreError> {
         self.write_row(TOMBSTONES, &instance_key(&key.0, &key.1), None)
+    }
+
+    /// The node roster: each node with its last contact (ms since the epoch).
+    pub fn nodes(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let read = || -> Result<Vec<(String, u64)>, redb::Error> {
+            let tx = self.db.begin_read()?;
+            let mut out = Vec::new();
+            for row in tx.open_table(NODES)?.iter()? {
+                let (k, v) = row?;
+                out.push((k.value().to_owned(), v.value()));
+            }
+            Ok(out)
+        };
+        read().map_err(self.db_err())
+    }
+
+    /// Adds `node` to the roster, or records its last contact.
+    pub fn put_node(&self, node: &str, last_contact: u64) -> Result<(), StoreError> {
+        self.write_row(NODES, node, Some(last_contact))
+    }
+
+    /// Records the last contact of each of `nodes` (adding those not in the roster), in
+    /// one transaction.
+    pub fn put_nodes(&self, nodes: &[(String, u64)]) -> Result<(), StoreError> {
+        let write = || -> Result<(), redb::Error> {
+            let tx = self.db.begin_write()?;
+            {
+                let mut t = tx.open_table(NODES)?;
+                for (node, at) in nodes {
+                    t.insert(node.as_str(), *at)?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        };
+        write().map_err(self.db_err())
+    }
+
+    /// Retires `node` from the roster.
+    pub fn remove_node(&self, node: &str) -> Result<(), StoreError> {
+        self.write_row(NODES, node, None)
     }
 
     /// Inserts (`Some`) or removes (`None`) one row, durably.

@@ -281,3 +281,101 @@ fn a_registry_larger_than_one_message_is_applied_in_parts_and_a_too_large_one_is
     let _ = std::fs::remove_file(&file);
     assert_eq!(coord.revision(), applied, "a refused apply changes nothing");
 }
+
+#[test]
+fn the_node_roster_outlives_a_restart_and_a_node_is_removed_only_once_gone() {
+    use hitless_proto::v1::{self as pb, agent_link_client::AgentLinkClient, registry_client::RegistryClient};
+    use tonic::codegen::tokio_stream;
+
+    let mut coord = Coordinator::start("roster", "127.130.8.1:7070");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let roster = |coord: &Coordinator| -> Vec<(String, bool)> {
+        let v = coord.json(&["node", "list", "-o", "json"]);
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.iter().map(|n| (n["node"].as_str().unwrap_or("").to_owned(), n["connected"] == true)).collect()
+    };
+    let wait_roster = |coord: &Coordinator, want: &[(&str, bool)]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = roster(coord);
+            if now.iter().map(|(n, c)| (n.as_str(), *c)).eq(want.iter().copied()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "roster {now:?}, want {want:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // An agent of node-r says hello and keeps its session open until `close` is sent
+    // (no kernel needed here).
+    let (close, outbound) = tokio::sync::mpsc::channel(1);
+    let hello = pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello { node: "node-r".into(), ..Default::default() })),
+    };
+    close.try_send(hello).expect("queued");
+    let session = rt.block_on(async {
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(outbound);
+        let mut link = AgentLinkClient::connect(coord.url.clone()).await.expect("dial");
+        link.session(outbound).await.expect("session").into_inner()
+    });
+    wait_roster(&coord, &[("node-r", true)]);
+
+    // Register names the node: only a node of the roster.
+    let instance = |node: &str| pb::Instance {
+        service: "cart".into(),
+        address: "127.131.8.1:80".into(),
+        state: pb::InstanceState::Serving as i32,
+        weight: 100,
+        node: node.into(),
+        ..Default::default()
+    };
+    rt.block_on(async {
+        let mut reg = RegistryClient::connect(coord.url.clone()).await.expect("dial");
+        let e =
+            reg.register(pb::RegisterRequest { instance: Some(instance("node-x")) }).await.expect_err("unknown node");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().starts_with("instance.node: \"node-x\"")
+                && e.message().contains("start the node's agent first, or leave node empty"),
+            "{e:?}"
+        );
+        reg.register(pb::RegisterRequest { instance: Some(instance("node-r")) }).await.expect("a node of the roster");
+    });
+
+    // Not removed while its agent is connected and it runs a registered instance.
+    let out = coord.cli(&["node", "remove", "node-r"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("its agent is connected") && err.contains("registered instances (cart 127.131.8.1:80)"),
+        "{err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+
+    // Its agent goes away; the coordinator restarts: the node is still in the roster.
+    drop((close, session));
+    wait_roster(&coord, &[("node-r", false)]);
+    coord.kill();
+    coord.restart();
+    wait_roster(&coord, &[("node-r", false)]);
+    let out = coord.cli(&["node", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("node-r") && table.contains("LOST") && table.contains("ago"), "{table}");
+
+    let out = coord.cli(&["node", "remove", "node-r"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "still runs a registered instance: {err}");
+    assert!(!err.contains("its agent is connected"), "{err}");
+    let out = coord.cli(&["registry", "deregister", "cart", "127.131.8.1:80"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = coord.cli(&["node", "remove", "node-r"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_roster(&coord, &[]);
+    coord.kill();
+    coord.restart();
+    wait_roster(&coord, &[]);
+
+    let out = coord.cli(&["node", "remove", "node-r"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not in the roster"), "{err}");
+}

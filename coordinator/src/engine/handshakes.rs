@@ -39,8 +39,9 @@ impl std::fmt::Display for Quiet {
 }
 
 /// Waits until no node that may steer to `address` has a connect to it in its
-/// handshake, as of a settled report of `revision` or later. The nodes are those
-/// seen since the coordinator started and those that run instances. Bounded by
+/// handshake, as of a settled report of `revision` or later. The nodes are those of
+/// the roster (stored, so it outlives a coordinator restart) and those that run
+/// instances. Bounded by
 /// `limit` (the drain deadline, the operator's bound on the whole drain): past it the
 /// stop goes on, and the result names the nodes that were late.
 pub async fn quiet_everywhere(shared: &Shared, revision: u64, address: &str, limit: Duration) -> Quiet {

@@ -374,14 +374,15 @@ impl Verdict<'_> {
 /// Longest wait for the agents of nodes that run instances to (re)connect.
 pub const NODE_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits until every node that runs registered instances has its agent connected: what
-/// runs is only known from the agents, and deciding without a node's report would
-/// start its instances a second time (after a coordinator restart, agents take a moment
-/// to redial).
+/// Waits until every node of the roster, and every node that runs registered instances,
+/// has its agent connected: what runs is only known from the agents, and deciding
+/// without a node's report would start its instances a second time (after a coordinator
+/// restart, agents take a moment to redial). The roster is stored, so a node whose agent
+/// is away while the coordinator restarts is waited for all the same.
 async fn wait_for_nodes(shared: &Shared) -> Result<(), String> {
     let deadline = Instant::now() + NODE_WAIT;
     loop {
-        let wanted: std::collections::BTreeSet<String> = shared
+        let running: std::collections::BTreeSet<String> = shared
             .snapshot()
             .instances
             .iter()
@@ -389,16 +390,31 @@ async fn wait_for_nodes(shared: &Shared) -> Result<(), String> {
             .map(|i| i.node.clone())
             .collect();
         let nodes = shared.nodes();
-        let missing: Vec<&String> = wanted.iter().filter(|n| !nodes.get(*n).is_some_and(|x| x.connected)).collect();
-        if missing.is_empty() {
+        let connected = |n: &String| nodes.get(n).is_some_and(|x| x.connected);
+        let (with, without): (Vec<&String>, Vec<&String>) = nodes
+            .keys()
+            .chain(running.iter().filter(|n| !nodes.contains_key(*n)))
+            .filter(|n| !connected(n))
+            .partition(|n| running.contains(*n));
+        if with.is_empty() && without.is_empty() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
-            return Err(format!(
-                "nodes {} run instances but their agents are not connected; start them or move the instances",
-                names.join(", ")
-            ));
+            let names = |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+            let mut why = Vec::new();
+            if !with.is_empty() {
+                why.push(format!(
+                    "nodes {} run instances but their agents are not connected; start them or move the instances",
+                    names(&with)
+                ));
+            }
+            if !without.is_empty() {
+                why.push(format!(
+                    "nodes {} of the roster have no agent connected (within {NODE_WAIT:?}); start their agents, or retire a node that is gone with `hitless node remove NODE`",
+                    names(&without)
+                ));
+            }
+            return Err(why.join("; "));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -408,7 +424,8 @@ async fn wait_for_nodes(shared: &Shared) -> Result<(), String> {
 /// the barrier counts connected agents only, but a node whose agent is down keeps
 /// steering with its last maps (pinned), so stopping the instance before that agent
 /// is back and has applied the drain would refuse that node's clients. The nodes are
-/// those seen since the coordinator started and those that run instances.
+/// those of the roster (stored: it outlives a coordinator restart, and only an
+/// operator's `hitless node remove` shortens it) and those that run instances.
 async fn applied_everywhere(shared: &Shared, revision: u64, address: &str) -> Result<(), String> {
     let deadline = Instant::now() + NODE_WAIT;
     loop {
@@ -424,7 +441,7 @@ async fn applied_everywhere(shared: &Shared, revision: u64, address: &str) -> Re
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "drain of {address} not applied by {} within {NODE_WAIT:?} (agent disconnected): not stopping an instance their clients may still be steered to; restart the agents",
+                "drain of {address} not applied by {} within {NODE_WAIT:?} (agent disconnected): not stopping an instance their clients may still be steered to; restart the agents, or retire a node that is gone with `hitless node remove NODE`",
                 behind.join(", ")
             ));
         }

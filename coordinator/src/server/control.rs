@@ -148,7 +148,7 @@ impl coordinator_server::Coordinator for ControlApi {
                 connected: n.connected,
                 applied_revision: n.applied,
                 lag: revision.saturating_sub(n.applied),
-                last_contact_ms_ago: n.last_contact.elapsed().as_millis() as u64,
+                last_contact_ms_ago: n.last_contact.elapsed().map_or(0, |d| d.as_millis() as u64),
             })
             .collect();
         Ok(Response::new(pb::StatusResponse { revision, nodes, rollout: crate::engine::status(&self.shared) }))
@@ -180,6 +180,25 @@ impl coordinator_server::Coordinator for ControlApi {
 
     async fn abort(&self, _req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutResponse>, Status> {
         Ok(Response::new(crate::engine::abort(&self.shared)?))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let req = req.into_inner();
+        if req.node.is_empty() {
+            return Err(Status::invalid_argument("node: missing; give the node's name (hitless node list)"));
+        }
+        let removed = self.shared.remove_node(&req.node, req.force)?;
+        Ok(Response::new(pb::RemoveNodeResponse {
+            was_connected: removed.was_connected,
+            still_registered: removed
+                .instances
+                .into_iter()
+                .map(|(service, address)| pb::InstanceKey { service, address })
+                .collect(),
+        }))
     }
 
     async fn pull(&self, _req: Request<pb::PullRequest>) -> Result<Response<pb::PullResponse>, Status> {

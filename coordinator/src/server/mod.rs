@@ -21,7 +21,7 @@ use tracing::info;
 
 pub use control::DEFAULT_DRAIN_TIMEOUT;
 pub use registry_api::{MAX_REGISTRY_TEXT, MAX_REGISTRY_YAML};
-pub use state::{AckEvent, NodeInfo, Shared, TOMBSTONE_TTL};
+pub use state::{AckEvent, NodeInfo, Removed, Shared, TOMBSTONE_TTL};
 
 use crate::store::{Store, StoreError};
 

@@ -48,6 +48,12 @@ impl registry_server::Registry for RegistryApi {
             .instance
             .ok_or_else(|| Status::invalid_argument("instance: missing; give the instance to register"))?;
         let i = validate_instance(&i, "instance")?;
+        if !i.node.is_empty() && !self.shared.knows_node(&i.node) {
+            return Err(Status::invalid_argument(format!(
+                "instance.node: {:?} is not in the node roster (no agent of that name has said hello to this coordinator); start the node's agent first, or leave node empty",
+                i.node
+            )));
+        }
         let revision = self.shared.mutate(|s| s.register(&i))?;
         Ok(Response::new(pb::RegisterResponse { revision }))
     }

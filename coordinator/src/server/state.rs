@@ -5,8 +5,10 @@
 //! memory, publish — under one lock, so revisions are strictly ordered and what agents
 //! receive is always what the store holds.
 //!
-//! The tombstones of stopped instances are stored too, so that a restarted coordinator
-//! still reaps what it buried. Locks are taken in the order inner, tombstones.
+//! The node roster (every node whose agent said hello, until an operator removes it) and
+//! the tombstones of stopped instances are stored too, so that a restarted coordinator
+//! still waits for a node whose agent is away and still reaps what it buried.
+//! Locks are taken in the order nodes, inner, tombstones.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,8 +46,8 @@ pub struct NodeInfo {
     pub connected: bool,
     /// Revision its maps hold, as last acknowledged.
     pub applied: u64,
-    /// Last message from it.
-    pub last_contact: Instant,
+    /// Last message from it (wall clock: it is stored, and survives a restart).
+    pub last_contact: SystemTime,
     /// The latest revision whose list of handshakes in flight is settled (see
     /// `settled` in the `Ack` message); 0 before any.
     pub settled: u64,
@@ -87,6 +89,8 @@ pub struct Shared {
     tombstones: Mutex<BTreeMap<Key, Instant>>,
     /// How long a tombstone lasts.
     pub tombstone: Duration,
+    /// When the roster's last contacts were last stored.
+    roster_flushed: Mutex<Instant>,
     /// Longest wait for a new instance to become healthy.
     pub health_timeout: Duration,
     /// The Prometheus server analysis gates query, when one is configured, and how long
@@ -104,6 +108,18 @@ pub type VersionTotals = BTreeMap<(String, String), (u64, u64, u64)>;
 /// refresh every 30 s; Eureka can lag 2 minutes) keep being steered to a serving sibling
 /// meanwhile.
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(180);
+
+/// How often the nodes' last contacts are stored.
+pub const ROSTER_FLUSH: Duration = Duration::from_secs(30);
+
+/// What `remove_node` did.
+#[derive(Debug, Clone, Default)]
+pub struct Removed {
+    /// Its agent was connected (a forced removal ended its session).
+    pub was_connected: bool,
+    /// Instances still registered on it (a forced removal leaves them).
+    pub instances: Vec<Key>,
+}
 
 /// Milliseconds since the Unix epoch.
 fn unix_ms(t: SystemTime) -> u64 {
@@ -148,6 +164,28 @@ fn load_tombstones(store: &Store, state: &RegistryState, period: Duration) -> BT
     out
 }
 
+/// The node roster of a store just opened, every agent disconnected.
+fn load_roster(store: &Store) -> BTreeMap<String, NodeInfo> {
+    let stored = store.nodes().unwrap_or_else(|e| {
+        warn!(error = %e, "node roster not read; nodes join it again when their agents say hello");
+        Vec::new()
+    });
+    stored
+        .into_iter()
+        .map(|(node, last)| {
+            let info = NodeInfo {
+                session: 0,
+                connected: false,
+                applied: 0,
+                last_contact: UNIX_EPOCH + Duration::from_millis(last),
+                settled: 0,
+                in_flight: BTreeMap::new(),
+            };
+            (node, info)
+        })
+        .collect()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A handler that panicked while holding the lock left the data consistent (every
     // mutation is computed before anything is written), so keep going with it.
@@ -164,9 +202,14 @@ impl From<RegistryError> for Status {
 }
 
 impl Shared {
-    /// State loaded from `store`; every leased instance gets a full TTL of grace.
+    /// State loaded from `store`; every leased instance gets a full TTL of grace, every
+    /// node of the roster starts disconnected.
     pub fn new(state: RegistryState, store: Store, settings: super::Settings) -> Arc<Self> {
         let tombstones = load_tombstones(&store, &state, settings.tombstone);
+        let roster = load_roster(&store);
+        if !roster.is_empty() {
+            info!(nodes = roster.len(), tombstones = tombstones.len(), "node roster loaded");
+        }
         let now = Instant::now();
         let leases = state
             .instances()
@@ -179,7 +222,7 @@ impl Shared {
         let rollout = store.record(ROLLOUT).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
         Arc::new(Self {
             inner: Mutex::new(Inner { state, store, leases, lapsed: BTreeSet::new() }),
-            nodes: Mutex::new(BTreeMap::new()),
+            nodes: Mutex::new(roster),
             next_session: Mutex::new(0),
             published,
             acks,
@@ -190,6 +233,7 @@ impl Shared {
             wake: Notify::new(),
             tombstones: Mutex::new(tombstones),
             tombstone: settings.tombstone,
+            roster_flushed: Mutex::new(Instant::now()),
             health_timeout: settings.health_timeout,
             prometheus: settings.prometheus.map(|u| (u, settings.prometheus_lag)),
             counters: Mutex::new(BTreeMap::new()),
@@ -454,9 +498,10 @@ impl Shared {
     }
 
     /// Marks instances whose lease lapsed down; removes those lapsed for 3 TTLs. Also
-    /// removes the tombstones that are due.
+    /// removes the tombstones that are due and stores the nodes' last contacts.
     pub fn expire_leases(&self) {
         self.reap_tombstones();
+        self.flush_roster();
         let mut inner = lock(&self.inner);
         let now = Instant::now();
         let mut changes = Changes::default();
@@ -488,19 +533,53 @@ impl Shared {
             *n += 1;
             *n
         };
-        lock(&self.nodes).insert(
-            node.to_owned(),
-            NodeInfo {
-                session: id,
-                connected: true,
-                applied,
-                last_contact: Instant::now(),
-                settled: 0,
-                in_flight: BTreeMap::new(),
-            },
-        );
+        let now = SystemTime::now();
+        let joins = lock(&self.nodes)
+            .insert(
+                node.to_owned(),
+                NodeInfo {
+                    session: id,
+                    connected: true,
+                    applied,
+                    last_contact: now,
+                    settled: 0,
+                    in_flight: BTreeMap::new(),
+                },
+            )
+            .is_none();
+        if joins {
+            // Stored before the session goes on: a coordinator restarted from here on
+            // waits for this node while its agent is away. (Later contacts are stored
+            // every ROSTER_FLUSH, with every node's.)
+            let inner = lock(&self.inner);
+            match tokio::task::block_in_place(|| inner.store.put_node(node, unix_ms(now))) {
+                Ok(()) => info!(%node, "node joined the roster"),
+                Err(e) => {
+                    warn!(%node, error = %e, "node roster not stored; a restarted coordinator learns of it at its next hello")
+                }
+            }
+        }
         info!(%node, applied, session = id, "agent connected");
         id
+    }
+
+    /// Stores every node's last contact, at most once per [`ROSTER_FLUSH`] (one
+    /// transaction for all), so that a restarted coordinator knows when it last heard
+    /// from a node whose agent does not come back.
+    fn flush_roster(&self) {
+        {
+            let mut last = lock(&self.roster_flushed);
+            if last.elapsed() < ROSTER_FLUSH {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let nodes = lock(&self.nodes);
+        let rows: Vec<(String, u64)> = nodes.iter().map(|(n, i)| (n.clone(), unix_ms(i.last_contact))).collect();
+        let inner = lock(&self.inner);
+        if let Err(e) = tokio::task::block_in_place(|| inner.store.put_nodes(&rows)) {
+            warn!(error = %e, "nodes' last contacts not stored; retrying later");
+        }
     }
 
     /// Records an ack of `session` of `node`: the revision its maps hold, and the
@@ -511,7 +590,7 @@ impl Shared {
         if let Some(n) = lock(&self.nodes).get_mut(node) {
             if n.session == session {
                 n.applied = revision;
-                n.last_contact = at;
+                n.last_contact = SystemTime::now();
                 n.in_flight = ack.in_flight.iter().map(|f| (f.address.clone(), f.handshakes)).collect();
                 if ack.settled {
                     n.settled = revision;
@@ -537,8 +616,68 @@ impl Shared {
         }
     }
 
-    /// Every node the coordinator has seen.
+    /// The node roster: every node whose agent said hello (to this coordinator or to an
+    /// earlier run of it on the same store) and that was not removed since, with its
+    /// agent's session.
     pub fn nodes(&self) -> BTreeMap<String, NodeInfo> {
         lock(&self.nodes).clone()
+    }
+
+    /// Whether `node` is in the roster.
+    pub fn knows_node(&self, node: &str) -> bool {
+        lock(&self.nodes).contains_key(node)
+    }
+
+    /// Retires `node` from the roster: the engine stops waiting for it. Refused while its
+    /// agent is connected or it runs registered instances (not down), unless `force`: then
+    /// a connected agent's session ends (it joins again at its next hello) and its
+    /// instances stay registered.
+    pub fn remove_node(&self, node: &str, force: bool) -> Result<Removed, Status> {
+        let mut nodes = lock(&self.nodes);
+        let Some(info) = nodes.get(node) else {
+            return Err(Status::not_found(format!(
+                "node: {node:?} is not in the roster; `hitless node list` shows the nodes known"
+            )));
+        };
+        let inner = lock(&self.inner);
+        let instances: Vec<Key> = inner
+            .state
+            .instances()
+            .filter(|i| i.node == node && i.state() != pb::InstanceState::Down)
+            .map(|i| (i.service.clone(), i.address.clone()))
+            .collect();
+        let removed = Removed { was_connected: info.connected, instances };
+        if !force {
+            let mut why = Vec::new();
+            if removed.was_connected {
+                why.push("its agent is connected (stop the agent first)".to_owned());
+            }
+            if !removed.instances.is_empty() {
+                let list: Vec<String> = removed.instances.iter().map(|(s, a)| format!("{s} {a}")).collect();
+                why.push(format!(
+                    "it runs {} registered instances ({}): move them off it first",
+                    list.len(),
+                    list.join(", ")
+                ));
+            }
+            if !why.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "node {node} not removed: {}; or remove it anyway with --force",
+                    why.join("; ")
+                )));
+            }
+        }
+        tokio::task::block_in_place(|| inner.store.remove_node(node))
+            .map_err(|e| Status::internal(format!("node {node} not removed (the roster was not stored): {e}")))?;
+        drop(inner);
+        nodes.remove(node);
+        drop(nodes);
+        lock(&self.instances).remove(node);
+        lock(&self.counters).remove(node);
+        if lock(&self.ops).remove(node).is_some() {
+            warn!(%node, "node removed with its agent connected: its session ends");
+        }
+        info!(%node, forced = force, "node removed from the roster");
+        Ok(removed)
     }
 }
