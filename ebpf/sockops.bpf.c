@@ -312,6 +312,28 @@ static __always_inline void signal_failure(struct hl_endpoint *ep)
 		bpf_map_delete_elem(&hl_failed_flag, ep);
 }
 
+/* The one field of the kernel's struct sock read here, relocated by name against
+ * the running kernel's BTF when the object is loaded (CO-RE): no kernel headers. */
+struct sock___hl {
+	int sk_err;
+} __attribute__((preserve_access_index));
+
+/* Whether the socket closes on an error: a reset received (ECONNRESET, EPIPE) or a
+ * timeout (ETIMEDOUT), as tcp_reset() and tcp_write_err() set before tcp_done(). */
+static __always_inline int closed_by_error(struct bpf_sock_ops *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct sock___hl *full;
+
+	if (!sk)
+		return 0;
+	/* tcp_sock begins with struct sock: the same offsets. */
+	full = (struct sock___hl *)bpf_skc_to_tcp_sock(sk);
+	if (!full)
+		return 0;
+	return full->sk_err != 0;
+}
+
 static __always_inline void connect_closed(struct bpf_sock_ops *ctx, __u32 old_state)
 {
 	struct hl_endpoint ep = {};
@@ -336,9 +358,10 @@ static __always_inline void connect_closed(struct bpf_sock_ops *ctx, __u32 old_s
 		return;
 	}
 	st->closed++;
-	/* Straight from ESTABLISHED to CLOSE: no FIN either way, a reset (or an
-	 * abortive close by the client itself, e.g. SO_LINGER 0). */
-	if (old_state == BPF_TCP_ESTABLISHED)
+	/* A reset counts only when the peer sent it (or the connection timed
+	 * out): the kernel sets the socket's error before it closes it. A client
+	 * that aborts its own connection (SO_LINGER 0) closes with no error. */
+	if (closed_by_error(ctx))
 		st->resets++;
 	st->retrans += ctx->total_retrans;
 	st->bytes_in += ctx->bytes_received;

@@ -85,8 +85,9 @@ fn counters_and_gauges_move_by_exactly_what_the_test_did() {
         .keys()
         .any(|k| k.starts_with("hitless_backend_connect_latency_seconds_bucket{") && k.contains("le=\"+Inf\"")));
     assert_eq!(d("hitless_backend_closed_connections_total", b1), 300.0, "the 300 closed, the 4 held still open");
-    // The probe closes each connection abortively (SO_LINGER 0): no FIN, so each counts as a reset.
-    assert_eq!(d("hitless_backend_resets_total", b1), 300.0);
+    // The probe closes each connection abortively (SO_LINGER 0): its own aborts are no
+    // resets (a gate would count them as the new version's failures).
+    assert_eq!(d("hitless_backend_resets_total", b1), 0.0, "the client's own aborts are not resets");
     assert_eq!(value(&after, "hitless_agent_map_entries", &[("map", "hl_frontends")]), 2.0);
     assert!(value(&after, "hitless_agent_map_capacity", &[("map", "hl_frontends")]) > 2.0);
     let h = held.release();
@@ -150,4 +151,45 @@ fn the_invariant_check_counts_slots_that_point_at_a_backend_not_serving() {
     assert_eq!(gauge(&scrape(addr)), broken as f64, "and /metrics says so");
     backends.insert(id, original, 0).expect("restore");
     assert_eq!(node.slots_to_unserving(), 0);
+}
+
+#[test]
+fn a_reset_counts_only_when_the_peer_sends_it() {
+    let mut node = Node::new("resets");
+    let addr = "127.135.4.1:9477";
+    node.agent_args(&["--metrics-addr", addr]);
+    let b = "127.135.4.2:8080";
+    // An HTTP server that resets every second connection instead of answering.
+    let mut svc = std::process::Command::new(hitless_tests::bin("hitless-testsvc"))
+        .args(["--listen", b, "--version", "v1", "--reset-half"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hitless-testsvc");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(svc.stdout.take().expect("piped")), &mut line)
+        .expect("its first line");
+    assert!(line.contains("listening"), "{line}");
+    let _svc = hitless_tests::Proc::new(svc);
+    node.write_registry(&format!(
+        "services:\n  - name: web\n    vips: [\"127.77.70.4:8080\"]\n    backends: [{{ address: \"{b}\", version: v1 }}]\n"
+    ));
+    node.start_agent();
+    let before = scrape(addr);
+    // 20 requests from the node, each closing its connection gracefully when answered.
+    let mut answered = 0;
+    for _ in 0..20 {
+        let ok = node
+            .cgroup
+            .command("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "5", "http://127.77.70.4:8080/"])
+            .status()
+            .expect("curl")
+            .success();
+        answered += u32::from(ok);
+    }
+    assert_eq!(answered, 10, "the server answers every second connection");
+    let after = scrape(addr);
+    let d = |metric: &str| value(&after, metric, &[("instance", b)]) - value(&before, metric, &[("instance", b)]);
+    assert_eq!(d("hitless_backend_connects_total"), 20.0);
+    assert_eq!(d("hitless_backend_resets_total"), 10.0, "the server's resets, and not the graceful closes");
 }
