@@ -62,7 +62,8 @@ pub async fn barrier(
             }
         }
         let mut result: BTreeMap<String, pb::NodeAck> = BTreeMap::new();
-        let mut pending = Vec::new();
+        // A set: each ack removes its node in O(1) (a Vec scan made a barrier O(n²)).
+        let mut pending = std::collections::HashSet::new();
         for (name, n) in shared.nodes() {
             let ack = pb::NodeAck { node: name.clone(), acked: false, latency_us: 0, connected: n.connected };
             if n.connected && n.applied >= revision {
@@ -71,7 +72,7 @@ pub async fn barrier(
                 result.insert(name, pb::NodeAck { acked: true, latency_us: latency, ..ack });
             } else {
                 if n.connected {
-                    pending.push(name.clone());
+                    pending.insert(name.clone());
                 }
                 result.insert(name, ack);
             }
@@ -84,15 +85,18 @@ pub async fn barrier(
             let event = tokio::time::timeout(wait.min(Duration::from_millis(50)), acks.recv()).await;
             match event {
                 Ok(Ok(ev)) if ev.revision >= revision => {
-                    if let Some(pos) = pending.iter().position(|p| *p == ev.node) {
-                        pending.swap_remove(pos);
+                    if pending.remove(&ev.node) {
                         if let Some(r) = result.get_mut(&ev.node) {
                             r.acked = true;
                             r.latency_us = ev.at.saturating_duration_since(decided).as_micros() as u64;
                         }
                     }
                 }
-                Ok(Ok(_)) | Err(_) | Ok(Err(RecvError::Lagged(_))) => {
+                // An ack of an older revision (a late one, or a list of handshakes in
+                // flight re-sent): nothing to learn; re-reading every node here made
+                // a barrier O(n²) at a thousand agents.
+                Ok(Ok(_)) => {}
+                Err(_) | Ok(Err(RecvError::Lagged(_))) => {
                     // Timeout tick or missed events: re-read the nodes, catching acks
                     // we missed and agents that went away while we waited.
                     let nodes = shared.nodes();
