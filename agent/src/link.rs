@@ -170,10 +170,16 @@ const OUTLIER_LOOK: Duration = Duration::from_millis(50);
 /// How often the session sends the per-backend counters (analysis gates read them).
 const SUMMARY_EVERY: Duration = Duration::from_secs(1);
 
-/// The kernel's per-backend totals for the backends of `reg`.
-fn summary(writer: &Writer, desired: &[desired::DesiredService], names: &[String]) -> pb::MetricSummary {
+/// The kernel's per-backend totals for the backends of `reg`, of the services in
+/// `wanted` (all when `None`: a coordinator that never said).
+fn summary(
+    writer: &Writer,
+    desired: &[desired::DesiredService],
+    names: &[String],
+    wanted: Option<&std::collections::BTreeSet<String>>,
+) -> pb::MetricSummary {
     let mut backends = Vec::new();
-    for (s, name) in desired.iter().zip(names) {
+    for (s, name) in desired.iter().zip(names).filter(|(_, n)| wanted.is_none_or(|w| w.contains(*n))) {
         for b in s.backends.iter().filter(|b| b.ep.proto == PROTO_TCP) {
             if let Some(st) = writer.maps().backend_stats(&b.ep) {
                 backends.push(pb::BackendCounters {
@@ -280,6 +286,8 @@ async fn session_inner(
     // Failed connects, as the kernel signals them: an idle node reads no counters.
     let mut failures = crate::outlier::FailureWatch::open(writer.maps().pin_dir(), OUTLIER_LOOK)?;
     let mut summaries = tokio::time::interval(SUMMARY_EVERY);
+    // Whose counters the coordinator wants each second (None: it never said, so all).
+    let mut summarize: Option<std::collections::BTreeSet<String>> = None;
     loop {
         let due = site.outliers.lock().ok().and_then(|o| o.next_deadline());
         let msg = tokio::select! {
@@ -304,9 +312,9 @@ async fn session_inner(
                 }
                 continue;
             }
-            _ = summaries.tick() => {
+            _ = summaries.tick(), if summarize.as_ref().is_none_or(|s| !s.is_empty()) => {
                 let names: Vec<String> = wanted.iter().map(|d| d.name.clone()).collect();
-                let sum = summary(writer, &wanted, &names);
+                let sum = summary(writer, &wanted, &names, summarize.as_ref());
                 if !sum.backends.is_empty() && tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Metrics(sum)) }).await.is_err() {
                     return Err(LinkError::Closed);
                 }
@@ -323,6 +331,10 @@ async fn session_inner(
                 let mut m = mirror.take().unwrap_or_default();
                 m.apply_delta(d)?;
                 m
+            }
+            Some(coordinator_message::Msg::Summaries(w)) => {
+                summarize = Some(w.services.into_iter().collect());
+                continue;
             }
             Some(coordinator_message::Msg::Start(op)) => {
                 match &site.driver {

@@ -306,10 +306,15 @@ async fn analyse(
             format!(" (prometheus {url})")
         }
         None => {
+            // Ask the agents for these services' counters for the window (and no longer
+            // than it: see SummariesWanted), and let one round of them arrive first, so
+            // that `before` is not an old total.
+            let _wanted = SummariesWanted::ask(shared, judged.iter().map(|s| s.name.clone()));
+            tokio::time::sleep(SUMMARY_ROUND).await;
             let before = shared.version_totals();
             tokio::time::sleep(window).await;
             // Agents report every second: wait for one more report to cover the window's end.
-            tokio::time::sleep(Duration::from_millis(1100)).await;
+            tokio::time::sleep(SUMMARY_ROUND).await;
             let after = shared.version_totals();
             for s in &judged {
                 let key = (s.name.clone(), s.version.clone());
@@ -339,6 +344,26 @@ async fn analyse(
         "analysis after step {step}{source} inconclusive over {window:?}: {}",
         unjudged.join("; ")
     )))
+}
+
+/// A little more than the agents' summary interval (1 s).
+const SUMMARY_ROUND: Duration = Duration::from_millis(1100);
+
+/// The agents send the counters of these services while this lives (an analysis
+/// window), none once it is dropped: idle agents read no counters for summaries.
+struct SummariesWanted<'a>(&'a Shared);
+
+impl<'a> SummariesWanted<'a> {
+    fn ask(shared: &'a Shared, services: impl IntoIterator<Item = String>) -> Self {
+        shared.summaries.send_replace(services.into_iter().collect());
+        Self(shared)
+    }
+}
+
+impl Drop for SummariesWanted<'_> {
+    fn drop(&mut self) {
+        self.0.summaries.send_replace(std::collections::BTreeSet::new());
+    }
 }
 
 /// An analysis gate's judgement of the counts of one window.

@@ -63,6 +63,9 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         // the latest state, never a queue of stale ones.
         let parts = hello.snapshot_parts;
         let mut published = self.shared.published.subscribe();
+        let mut wanted = self.shared.summaries.subscribe();
+        // Tell the agent at once which counters to send (an older agent ignores it).
+        wanted.mark_changed();
         tokio::spawn(async move {
             let mut last: Option<Arc<pb::Snapshot>> = None;
             loop {
@@ -93,6 +96,16 @@ impl agent_link_server::AgentLink for AgentLinkApi {
                         Some(op) => if tx.send(Ok(op)).await.is_err() { break },
                         None => break,
                     },
+                    changed = wanted.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let services = wanted.borrow_and_update().iter().cloned().collect();
+                        let msg = coordinator_message::Msg::Summaries(pb::Summaries { services });
+                        if tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) })).await.is_err() {
+                            break;
+                        }
+                    }
                 }
             }
         });

@@ -74,6 +74,9 @@ pub struct Shared {
     pub published: watch::Sender<Arc<pb::Snapshot>>,
     /// Acknowledgements as they arrive (drain barriers listen here).
     pub acks: broadcast::Sender<AckEvent>,
+    /// The services whose per-backend counters agents should send each second: those
+    /// an analysis gate watches (none, most of the time: idle agents read nothing).
+    pub summaries: watch::Sender<BTreeSet<String>>,
     /// Instances each node's agent runs, by address.
     instances: Mutex<BTreeMap<String, BTreeMap<String, pb::InstanceReport>>>,
     /// The operation channel of each node's session in force.
@@ -218,6 +221,7 @@ impl Shared {
             .collect();
         let (published, _) = watch::channel(Arc::new(state.snapshot()));
         let (acks, _) = broadcast::channel(4096);
+        let (summaries, _) = watch::channel(BTreeSet::new());
         let (reports, _) = broadcast::channel(4096);
         let rollout = store.record(ROLLOUT).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
         Arc::new(Self {
@@ -226,6 +230,7 @@ impl Shared {
             next_session: Mutex::new(0),
             published,
             acks,
+            summaries,
             instances: Mutex::new(BTreeMap::new()),
             ops: Mutex::new(BTreeMap::new()),
             reports,

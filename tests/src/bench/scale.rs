@@ -414,7 +414,9 @@ impl SimMirror {
                     None
                 }
             }
-            coordinator_message::Msg::Start(_) | coordinator_message::Msg::Stop(_) => None,
+            coordinator_message::Msg::Start(_)
+            | coordinator_message::Msg::Stop(_)
+            | coordinator_message::Msg::Summaries(_) => None,
         }
     }
 }
