@@ -128,6 +128,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// The oldest kernel the datapath loads on: `bpf_set_retval` (refusing a connect with
+/// ECONNREFUSED rather than EPERM) came with Linux 5.18.
+const MIN_KERNEL: (u32, u32) = (5, 18);
+
+/// Refuses to start on an older kernel, naming what is missing (the program load would
+/// fail with a verifier listing instead).
+fn check_kernel() -> anyhow::Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next(), parts.next());
+    match version {
+        (Some(major), Some(minor)) if (major, minor) < MIN_KERNEL => anyhow::bail!(
+            "Linux {} is older than {}.{}, which the datapath needs (bpf_set_retval, to refuse a connect with ECONNREFUSED); run the agent on a newer kernel",
+            release.trim(),
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Bad flags: exit status 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -147,7 +168,9 @@ fn node_name(node: &str) -> anyhow::Result<&str> {
         Ok(node)
     } else {
         Err(BadInput(format!(
-            "--node {node:?}: use 1 to 63 lowercase letters, digits, '-' or '_' (it names the pin directory)"
+            "--node {}: {} (it names the pin directory)",
+            hitless_model::Quoted(node),
+            hitless_model::registry::NODE_NAME_FIX
         ))
         .into())
     }
@@ -210,6 +233,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         slots: args.max_slots,
         connections: args.max_connections,
     };
+    check_kernel()?;
     let loaded = loader::load(&pin_dir, &cgroup, caps)?;
     info!(
         node,

@@ -304,8 +304,15 @@ fn answer(mut conn: TcpStream, pin_dir: &std::path::Path, state: &State) -> std:
             Ok(text) => ("200 OK", text),
             Err(e) => ("503 Service Unavailable", format!("datapath maps unreadable: {e}\n")),
         }
+    } else if line.starts_with("GET /ready ") || line.starts_with("GET /ready?") {
+        // Ready once the maps hold a registry revision: the datapath steers.
+        match Maps::open(pin_dir).and_then(|m| m.revision()) {
+            Ok(r) if r > 0 => ("200 OK", format!("ready: the datapath holds registry revision {r}\n")),
+            Ok(_) => ("503 Service Unavailable", "not ready: no registry applied yet\n".to_owned()),
+            Err(e) => ("503 Service Unavailable", format!("not ready: datapath maps unreadable: {e}\n")),
+        }
     } else {
-        ("404 Not Found", "try /metrics\n".to_owned())
+        ("404 Not Found", "try /metrics or /ready\n".to_owned())
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

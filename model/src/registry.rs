@@ -284,13 +284,22 @@ pub fn valid_name(name: &str) -> bool {
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
-/// Whether `name` is a valid node name: 1 to 63 lowercase letters, digits, `-` or `_`
-/// (it names the node's pin directory, and agents introduce themselves by it).
+/// Whether `name` is a valid node name: 1 to 253 lowercase letters, digits, `-`, `.`
+/// or `_`, starting and ending with a letter or digit — every Kubernetes node name
+/// (a DNS subdomain, e.g. `ip-10-0-0-1.ec2.internal`) is one. It names the node's pin
+/// directory, and agents introduce themselves by it.
 pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+    let b = name.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 253
+        && b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+        && b.iter().all(|c| alnum(c) || b"-._".contains(c))
 }
+
+/// How to write a node name, for error messages.
+pub const NODE_NAME_FIX: &str = "use 1 to 253 lowercase letters, digits, '-', '.' or '_', starting and ending with a letter or digit (a Kubernetes node name works)";
 
 fn socket_addr(d: &mut Decoder, path: &str, text: &str) -> Option<SocketAddr> {
     match text.parse::<SocketAddr>() {

@@ -46,11 +46,11 @@ const NAME_FIX: &str = "use 1 to 63 lowercase letters, digits and '-', starting 
 fn check_nodes(arch: &Architecture, errors: &mut Vec<FieldError>) {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, n) in arch.nodes.iter().enumerate() {
-        if !valid_name(n) {
+        if !crate::registry::valid_node_name(n) {
             errors.push(FieldError::new(
                 format!("nodes[{i}]"),
                 format!("{} is not a valid node name", Quoted(n)),
-                NAME_FIX,
+                crate::registry::NODE_NAME_FIX,
             ));
         } else if let Some(first) = seen.insert(n, i) {
             errors.push(FieldError::new(
@@ -119,11 +119,11 @@ fn check_depends_on(arch: &Architecture, i: usize, names: &HashMap<&str, usize>,
 fn check_placement(arch: &Architecture, i: usize, errors: &mut Vec<FieldError>) {
     if arch.nodes.is_empty() {
         for node in arch.services[i].placement.keys() {
-            if !valid_name(node) {
+            if !crate::registry::valid_node_name(node) {
                 errors.push(FieldError::new(
                     format!("services[{i}].placement.{node}"),
                     format!("{} is not a valid node name", Quoted(node)),
-                    NAME_FIX,
+                    crate::registry::NODE_NAME_FIX,
                 ));
             }
         }

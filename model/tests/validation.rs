@@ -262,3 +262,18 @@ fn protocol_and_policy_are_optional_and_checked() {
     assert_problem(&bad, "services[1].protocol", &["sctp", "tcp, udp"]);
     assert_problem(&bad, "services[1].policy", &["rejct", "reject"]);
 }
+
+#[test]
+fn kubernetes_node_names_are_node_names() {
+    use hitless_model::registry::valid_node_name;
+    for ok in ["node-a", "ip-10-0-0-1.ec2.internal", "10-0-0-1", "gke-pool_1.zone-b", &"a".repeat(253)] {
+        assert!(valid_node_name(ok), "{ok:?}");
+    }
+    for bad in ["", "Node-a", "-a", "a-", "a.", ".a", "a/b", "a b", "a..b/../c", &"a".repeat(254)] {
+        assert!(!valid_node_name(bad), "{bad:?}");
+    }
+    // And an architecture may place instances on such a node.
+    let arch = GOOD.replace("node-a", "ip-10-0-0-1.ec2.internal");
+    let parsed = Architecture::parse(&arch);
+    assert!(parsed.is_ok(), "{:?}", parsed.err());
+}

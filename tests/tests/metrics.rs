@@ -193,3 +193,17 @@ fn a_reset_counts_only_when_the_peer_sends_it() {
     assert_eq!(d("hitless_backend_connects_total"), 20.0);
     assert_eq!(d("hitless_backend_resets_total"), 10.0, "the server's resets, and not the graceful closes");
 }
+
+#[test]
+fn ready_answers_once_the_maps_hold_a_revision() {
+    let mut node = Node::new("ready");
+    let addr = "127.135.5.1:9477";
+    node.agent_args(&["--metrics-addr", addr]);
+    node.write_registry("services:\n  - name: cart\n    backends: [{ address: \"127.135.5.2:8080\" }]\n");
+    node.start_agent();
+    let mut c = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    c.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("response");
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("revision 1"), "{text}");
+}

@@ -46,8 +46,9 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         };
         if !hitless_model::registry::valid_node_name(&hello.node) {
             return Err(Status::invalid_argument(format!(
-                "hello.node: {:?} is not a node name; use 1 to 63 lowercase letters, digits, '-' or '_'",
-                hello.node
+                "hello.node: {} is not a node name; {}",
+                hitless_model::Quoted(&hello.node),
+                hitless_model::registry::NODE_NAME_FIX
             )));
         }
         let node = hello.node.clone();
