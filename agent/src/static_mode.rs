@@ -101,9 +101,34 @@ pub fn watch(
     }
 }
 
+/// With inotify, the file's metadata is still looked at this often: a safety net for
+/// file systems whose changes inotify does not see (some network and bind mounts).
+pub const STAT_SAFETY: Duration = Duration::from_secs(1);
+
+/// An inotify watch of `path`'s directory for anything that can replace or change it.
+fn watch_dir(path: &Path) -> std::io::Result<inotify::Inotify> {
+    use inotify::{Inotify, WatchMask};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let i = Inotify::init()?;
+    i.watches().add(
+        &dir,
+        WatchMask::CLOSE_WRITE
+            | WatchMask::MOVED_TO
+            | WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::ATTRIB
+            | WatchMask::MODIFY,
+    )?;
+    Ok(i)
+}
+
 /// The static-mode loop, one turn at a time. It sleeps in poll(2) on the datapath's
-/// failure signals until a signal, the next outlier deadline or the next look at the
-/// file (every `poll`): an idle agent stats the file and reads no kernel counter.
+/// failure signals and on inotify events of the registry file's directory, until one of
+/// them, the next outlier deadline or the next look at the file: every `poll` without
+/// inotify, every [`STAT_SAFETY`] with it. An idle agent reads no kernel counter.
 pub struct Watcher<'a> {
     path: PathBuf,
     writer: &'a mut Writer,
@@ -116,6 +141,12 @@ pub struct Watcher<'a> {
     signals: Option<Signals>,
     /// No signal is taken before then: a backend that keeps failing costs one look per poll.
     rest_until: Instant,
+    /// Events of the registry file's directory (a write, a rename over it, a ConfigMap's
+    /// symlink swap); `None` when inotify is not available: then the file is stat'ed
+    /// every `poll`.
+    inotify: Option<inotify::Inotify>,
+    /// Time between two looks at the file's metadata.
+    stat_every: Duration,
     next_stat: Instant,
     last_stamp: Option<Stamp>,
     last_text: Option<String>,
@@ -145,6 +176,10 @@ impl<'a> Watcher<'a> {
                 error!(error = %e, "cannot open the failure signals; outlier detection reads every backend's counters every poll");
             })
             .ok();
+        let inotify = watch_dir(path)
+            .inspect_err(|e| warn!(file = %path.display(), error = %e, "cannot watch the registry file's directory; looking at the file every poll"))
+            .ok();
+        let stat_every = if inotify.is_some() { STAT_SAFETY.max(poll) } else { poll };
         let now = Instant::now();
         Self {
             path: path.to_owned(),
@@ -155,7 +190,9 @@ impl<'a> Watcher<'a> {
             outliers,
             signals,
             rest_until: now,
-            next_stat: now + poll,
+            inotify,
+            stat_every,
+            next_stat: now + stat_every,
             last_stamp: stamp(path),
             last_text: std::fs::read_to_string(path).ok(),
             d: desired::from_registry(&reg),
@@ -204,7 +241,7 @@ impl<'a> Watcher<'a> {
             self.metrics.set_outliers(self.outliers);
         }
         if now >= self.next_stat {
-            self.next_stat = now + self.poll;
+            self.next_stat = now + self.stat_every;
             // Slot tables retired by a swap a second ago or more (nothing to do mostly).
             if let Err(e) = self.writer.trim_retired() {
                 self.metrics.error();
@@ -235,14 +272,39 @@ impl<'a> Watcher<'a> {
         let timeout = wake.saturating_duration_since(now);
         // Round up: waking a little early would spin until the deadline.
         let ms = i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
-        match listen {
-            Some(s) => {
-                let mut fd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd, for the duration of the call. EINTR or an
-                // error only ends the wait early; the turn then finds nothing due.
-                unsafe { libc::poll(&mut fd, 1, ms) };
+        let mut fds: Vec<libc::pollfd> = listen
+            .map(|s| s.as_raw_fd())
+            .into_iter()
+            .chain(self.inotify.as_ref().map(|i| i.as_raw_fd()))
+            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+            .collect();
+        if fds.is_empty() {
+            std::thread::sleep(Duration::from_millis(ms as u64));
+            return;
+        }
+        // SAFETY: valid pollfds, for the duration of the call. EINTR or an error only
+        // ends the wait early; the turn then finds nothing due.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if let Some(i) = self.inotify.as_mut() {
+            let mut buf = [0u8; 4096];
+            let file = self.path.file_name();
+            // Drain the events. One about the file, or about a `..`-prefixed entry (a
+            // ConfigMap swaps its `..data` symlink), means: look at the file now; the
+            // directory's other files (logs beside it) are not worth a look.
+            let mut look = false;
+            while let Ok(events) = i.read_events(&mut buf) {
+                let mut n = 0;
+                for e in events {
+                    n += 1;
+                    look |= e.name.is_none_or(|name| Some(name) == file || name.as_encoded_bytes().starts_with(b".."));
+                }
+                if n == 0 {
+                    break;
+                }
             }
-            None => std::thread::sleep(Duration::from_millis(ms as u64)),
+            if look {
+                self.next_stat = Instant::now();
+            }
         }
     }
 
