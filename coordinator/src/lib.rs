@@ -1,12 +1,11 @@
 //! The hitless rollout coordinator: strategies as pure transitions and the fix-point
-//! planner that chains them into a plan (pure), the built-in registry with its durable
-//! store, and the gRPC server agents and the CLI talk to. The `hitless` binary is the
-//! command line over it.
+//! planner that chains them into a plan (pure), the rollout engine, the built-in registry
+//! with its durable store, and the gRPC server agents and the CLI talk to. The `hitless`
+//! binary (the `hitless-cli` crate) is the command line over it.
 
 pub mod engine;
 pub mod planner;
 pub mod registry;
-pub mod render;
 pub mod server;
 pub mod store;
 pub mod strategy;

@@ -136,7 +136,7 @@ fn first_deploy_starts_everything_at_once_except_gray() {
     for name in Strategy::NAMES {
         let p = plan(&Cluster::default(), &Target::new(&six("v1")), &named(name), &[]).unwrap();
         let expected = if name == "gray" { 4 } else { 1 };
-        assert_eq!(p.steps.len(), expected, "{name}: {}", common::shown(&p));
+        assert_eq!(p.steps.len(), expected, "{name}:\n{}", summary(&p).join("\n"));
         assert!(p.steps.iter().all(|s| s.warnings.is_empty()), "{name}");
     }
 }

@@ -42,7 +42,7 @@ pub fn image(args: &[String]) -> Result<(), String> {
     packages::ensure(packages::IMAGE, "cargo xtask image")?;
 
     let mut c = crate::cargo();
-    c.args(["build", "--quiet", "--release", "-p", "hitless-agent", "-p", "hitless-coordinator"]);
+    c.args(["build", "--quiet", "--release", "-p", "hitless-agent", "-p", "hitless-cli"]);
     for b in BINARIES {
         c.args(["--bin", b]);
     }

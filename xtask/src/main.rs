@@ -248,7 +248,7 @@ fn run_benches(which: &str, rest: &[String]) -> Result<(), String> {
                 "-p",
                 "hitless-agent",
                 "-p",
-                "hitless-coordinator",
+                "hitless-cli",
                 "-p",
                 "hitless-tests",
             ]);
@@ -267,7 +267,7 @@ fn run_benches(which: &str, rest: &[String]) -> Result<(), String> {
 fn soak(rest: &[String]) -> Result<(), String> {
     packages::ensure(packages::TESTS, "the soak")?;
     let mut c = cargo();
-    c.args(["build", "--quiet", "-p", "hitless-coordinator", "-p", "hitless-agent", "-p", "hitless-tests"]);
+    c.args(["build", "--quiet", "-p", "hitless-cli", "-p", "hitless-agent", "-p", "hitless-tests"]);
     run(c, "building the soak")?;
     let mut s = Command::new(root().join("target/debug/hitless-soak"));
     s.args(rest.iter().filter(|a| *a != "--"));
@@ -278,7 +278,7 @@ fn soak(rest: &[String]) -> Result<(), String> {
 /// runs it, passing any further arguments on (`cargo xtask demo -- --nodes 5`).
 fn demo(rest: &[String]) -> Result<(), String> {
     let mut c = cargo();
-    c.args(["build", "--quiet", "--release", "-p", "hitless-coordinator", "-p", "hitless-agent"]).args([
+    c.args(["build", "--quiet", "--release", "-p", "hitless-cli", "-p", "hitless-agent"]).args([
         "-p",
         "hitless-tests",
         "--bin",

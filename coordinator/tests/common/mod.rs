@@ -3,7 +3,6 @@
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
 use hitless_coordinator::planner::Plan;
-use hitless_coordinator::render;
 use hitless_model::Architecture;
 
 /// One service `cart` with 2 instances on each of 3 nodes, at `version`.
@@ -52,9 +51,4 @@ pub fn summary(plan: &Plan) -> Vec<String> {
         }
     }
     out
-}
-
-/// The table, for failure messages.
-pub fn shown(plan: &Plan) -> String {
-    render::table(plan)
 }

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use serde_json::{json as j, Value};
 
-use crate::planner::{Move, Plan};
+use hitless_coordinator::planner::{Move, Plan};
 
 /// Schema name and version of the document.
 pub const SCHEMA: &str = "hitless.plan/v1";

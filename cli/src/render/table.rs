@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::planner::{Plan, ServiceStep};
-use crate::strategy::Order;
+use hitless_coordinator::planner::{Plan, ServiceStep};
+use hitless_coordinator::Order;
 
 const HEADERS: [&str; 7] = ["STEP", "SERVICE", "START (new)", "DRAIN+STOP (old)", "SERVING", "EXTRA", "TRAFFIC"];
 

@@ -7,11 +7,12 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hitless_coordinator::planner::{self, PlanError};
-use hitless_coordinator::{render, Target};
+use hitless_coordinator::Target;
 use hitless_model::{Architecture, Cluster};
 
 mod demo;
 mod remote;
+mod render;
 
 /// Zero-downtime rollouts for microservices, enforced by eBPF in every node's kernel.
 #[derive(Parser)]

@@ -3,12 +3,12 @@
 mod json;
 mod table;
 
-pub use json::{json, SCHEMA};
+pub use json::json;
 pub use table::table;
 
 use std::collections::BTreeMap;
 
-use crate::planner::Move;
+use hitless_coordinator::planner::Move;
 
 /// `+2 v2@node-a, +1 v2@node-b` (or with `-`).
 pub(crate) fn moves(sign: char, moves: &[Move]) -> String {
