@@ -5,7 +5,12 @@
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["hitless/v1/registry.proto", "hitless/v1/agent.proto", "hitless/v1/coordinator.proto"];
+    let files = [
+        "hitless/v1/registry.proto",
+        "hitless/v1/agent.proto",
+        "hitless/v1/coordinator.proto",
+        "hitless/v1/node.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

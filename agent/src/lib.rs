@@ -5,16 +5,20 @@
 //! [`registry`] (the registry file), [`desired`] (what the maps should hold),
 //! [`writer`] (the only writer of the maps), [`sys`] and [`cgroup`] (kernel
 //! plumbing), [`loader`] (load, pin, attach, swap, detach), and the two sources of the
-//! registry: [`static_mode`] (a file) and [`link`] (the coordinator).
+//! registry: [`static_mode`] (a file) and [`link`] (the coordinator); [`caps`] (the
+//! capabilities checked before loading) and [`local_api`] (the node-local API for
+//! instances hitless does not run).
 
 pub mod abi;
 pub mod apply;
+pub mod caps;
 pub mod cgroup;
 pub mod desired;
 pub mod driver;
 pub mod inflight;
 pub mod link;
 pub mod loader;
+pub mod local_api;
 pub mod metrics;
 pub mod outlier;
 pub mod static_mode;

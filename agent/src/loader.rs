@@ -47,8 +47,9 @@ impl Default for Capacities {
 /// Why the datapath could not be loaded or detached.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// Not root, or BPF is not available.
-    #[error("{what}: {source}; the agent needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and a kernel with BPF cgroup hooks")]
+    /// A capability is missing (the agent checks them first, so rarely this), or BPF is
+    /// not available.
+    #[error("{what}: {source}; the agent needs CAP_BPF (maps and programs), CAP_NET_ADMIN (cgroup attach) and CAP_PERFMON (sock_ops pointer reads), or root, and a kernel with BPF cgroup hooks")]
     Permission {
         /// What was being done.
         what: String,

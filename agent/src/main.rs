@@ -12,7 +12,7 @@ use hitless_agent::driver::Driver;
 use hitless_agent::loader::{self, Capacities};
 use hitless_agent::outlier::Outliers;
 use hitless_agent::writer::{Maps, Writer};
-use hitless_agent::{cgroup, link, static_mode};
+use hitless_agent::{caps, cgroup, link, local_api, static_mode};
 use std::sync::Arc;
 
 /// The hitless node agent: steers and drains connections inside connect().
@@ -35,6 +35,41 @@ enum Command {
         /// Pin directory (default /sys/fs/bpf/hitless/NODE).
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+    },
+    /// Register an instance hitless does not run (a pod's) through this node's agent,
+    /// which then renews its lease until its prestop (the caller may exit).
+    Register {
+        /// Service.
+        #[arg(long)]
+        service: String,
+        /// Where the instance listens (IP:PORT).
+        #[arg(long, value_name = "IP:PORT")]
+        address: String,
+        /// Version label.
+        #[arg(long, default_value = "")]
+        version: String,
+        /// Relative weight.
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        /// The lease: the instance goes down when the agent stops renewing it this long.
+        #[arg(long, value_name = "DURATION", default_value = "10s")]
+        ttl: hitless_model::Duration,
+        /// The agent's local API socket.
+        #[arg(long, value_name = "PATH", default_value = local_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// A pod's preStop: drain the instance on every node, wait until its connections
+    /// end (or the deadline), print how long and why, and return (then SIGTERM).
+    Prestop {
+        /// The instance's address (IP:PORT), as registered.
+        #[arg(long, value_name = "IP:PORT")]
+        address: String,
+        /// The longest wait, the barrier included.
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        deadline: hitless_model::Duration,
+        /// The agent's local API socket.
+        #[arg(long, value_name = "PATH", default_value = local_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
 }
 
@@ -74,6 +109,13 @@ struct RunArgs {
     /// How long an isolated backend gets no traffic from this node.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     outlier_period: hitless_model::Duration,
+    /// Coordinator mode: serve the node-local API (register, prestop) on this unix
+    /// socket, mode 0660 (off unless given).
+    #[arg(long, value_name = "PATH")]
+    local_api: Option<PathBuf>,
+    /// The group that may use the local API socket besides root (a name or a gid).
+    #[arg(long, value_name = "GROUP", requires = "local_api")]
+    local_api_group: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -108,6 +150,19 @@ fn main() -> ExitCode {
     init_logs(cli.run.log_format);
     let result = match cli.command {
         Some(Command::Detach { node, pin_dir }) => detach(&node, pin_dir),
+        Some(Command::Register { service, address, version, weight, ttl, socket }) => {
+            let req = hitless_proto::v1::LocalRegisterRequest {
+                service,
+                address,
+                version,
+                weight,
+                ttl_ms: ttl.to_std().as_millis() as u64,
+            };
+            local_call(local_api::client::register(&socket, req))
+        }
+        Some(Command::Prestop { address, deadline, socket }) => {
+            local_call(local_api::client::prestop(&socket, &address, deadline.to_std()))
+        }
         None => run(cli.run),
     };
     match result {
@@ -116,9 +171,11 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             let other_cgroup =
                 matches!(e.downcast_ref::<loader::LoadError>(), Some(loader::LoadError::OtherCgroup { .. }));
+            let bad_request = e.downcast_ref::<local_api::client::ClientError>().is_some_and(|c| c.bad_input());
             if e.downcast_ref::<BadInput>().is_some()
                 || e.downcast_ref::<static_mode::FileError>().is_some()
                 || other_cgroup
+                || bad_request
             {
                 ExitCode::from(2)
             } else {
@@ -153,6 +210,14 @@ fn check_kernel() -> anyhow::Result<()> {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct BadInput(String);
+
+/// Runs one call of the local API's client on a small runtime.
+fn local_call(
+    call: impl std::future::Future<Output = Result<(), local_api::client::ClientError>>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(rt.block_on(call)?)
+}
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -205,6 +270,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, Some(url)) => Source::Coordinator(coordinator_url(url)?),
         _ => return Err(BadInput("give --registry-file FILE (static mode) or --coordinator URL".into()).into()),
     };
+    if let (Some(path), Source::File(..)) = (&args.local_api, &source) {
+        return Err(BadInput(format!(
+            "--local-api {}: the node-local API registers instances with a coordinator and drains them through its barrier, so it serves in coordinator mode only; use --coordinator URL, or drop --local-api",
+            path.display()
+        ))
+        .into());
+    }
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => cgroup::v2_mount().context("finding the cgroup v2 root to attach to")?,
@@ -233,6 +305,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         slots: args.max_slots,
         connections: args.max_connections,
     };
+    caps::check().map_err(anyhow::Error::msg)?;
     check_kernel()?;
     let loaded = loader::load(&pin_dir, &cgroup, caps)?;
     info!(
@@ -279,8 +352,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             };
             let outliers = Outliers::new(args.outlier_failures, args.outlier_period.to_std());
             let outliers = Arc::new(std::sync::Mutex::new(outliers));
+            let local = match args.local_api {
+                Some(socket) => {
+                    let cfg = local_api::Config {
+                        socket,
+                        group: args.local_api_group,
+                        coordinator: url.clone(),
+                        pin_dir: pin_dir.clone(),
+                        node: node.to_owned(),
+                    };
+                    Some((local_api::bind(&cfg)?, cfg))
+                }
+                None => None,
+            };
             let site = link::Site { driver, pin_dir: pin_dir.clone(), metrics, outliers };
-            rt.block_on(link::run(url, node.to_owned(), writer, site))
+            rt.block_on(async move {
+                if let Some((listener, cfg)) = local {
+                    tokio::spawn(local_api::serve(listener, cfg));
+                }
+                link::run(url, node.to_owned(), writer, site).await
+            })
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The gRPC contract of hitless, package `hitless.v1`: the `Registry`, `AgentLink`
-//! and `Coordinator` services. The `.proto` files under `proto/hitless/v1/` are the
-//! contract; this crate is generated from them at build time.
+//! and `Coordinator` services, and the agent's node-local `Node` service. The `.proto`
+//! files under `proto/hitless/v1/` are the contract; this crate is generated from them
+//! at build time.
 
 #![allow(clippy::all, missing_docs)]
 

@@ -222,18 +222,15 @@ fn static_mode_steers_with_exactly_the_daemonsets_capabilities() {
     assert_eq!(s.errors.get("ConnectionRefused"), Some(&10), "{s:?}");
 }
 
-/// What the agent prints today when one capability of the set is missing.
+/// Why each capability of the set is needed, as the agent's refusal says it.
 const REFUSALS: [(&str, &str); 3] = [
-    ("BPF", "error: creating BPF maps: Operation not permitted"),
-    ("NET_ADMIN", "error: program hl_sockops: the BPF_PROG_LOAD syscall returned Operation not permitted"),
-    // Followed by the verifier's listing, whose last lines name the refused instruction:
-    // "R7 tried to add from different maps, paths or scalars, pointer arithmetic with it
-    // prohibited for !root". The message does not name CAP_PERFMON.
-    ("PERFMON", "error: program hl_sockops: the BPF_PROG_LOAD syscall returned Permission denied"),
+    ("BPF", "to create the BPF maps and load the programs"),
+    ("NET_ADMIN", "to attach the programs to the cgroup"),
+    ("PERFMON", "for the sock_ops program's pointer reads"),
 ];
 
 /// Every capability of the set is needed: without any one of them the agent exits 1
-/// before it attaches anything, and says what the kernel refused.
+/// before it loads anything, naming that capability (and only it) and why it is needed.
 #[test]
 fn without_any_one_capability_of_the_set_the_agent_refuses_to_start() {
     let full = Confinement::from_manifest();
@@ -258,9 +255,14 @@ fn without_any_one_capability_of_the_set_the_agent_refuses_to_start() {
         assert_eq!(status.code(), Some(1), "without CAP_{cap}: {log}");
         let said = log.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
         eprintln!("without CAP_{cap} the agent says: {}", said.chars().take(140).collect::<String>());
-        if let Some((_, want)) = REFUSALS.iter().find(|(c, _)| c == cap) {
-            assert!(said.starts_with(want), "without CAP_{cap}: want {want:?}, got:\n{log}");
+        let (_, why) = REFUSALS.iter().find(|(c, _)| c == cap).unwrap_or_else(|| panic!("no refusal known for {cap}"));
+        let want = format!("error: the agent lacks CAP_{cap} ({why}");
+        assert!(said.starts_with(&want), "without CAP_{cap}: want {want:?}, got:\n{log}");
+        let named = said.split("; nothing was loaded").next().unwrap_or_default();
+        for other in full.caps.iter().filter(|c| *c != cap) {
+            assert!(!named.contains(&format!("CAP_{other}")), "without CAP_{cap} only, it names CAP_{other}: {said}");
         }
+        assert!(!log.contains("prohibited for !root"), "a verifier listing instead of the refusal:\n{log}");
         // Nothing was attached: no link pinned, and the VIP is not steered.
         let links = std::fs::read_dir(node.pin_dir.join("links")).map(Iterator::count).unwrap_or(0);
         assert_eq!(links, 0, "links pinned by an agent without CAP_{cap}");
