@@ -43,7 +43,22 @@ pub enum FileError {
 /// Reads and validates a registry file.
 pub fn read(path: &Path) -> Result<Registry, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })?;
-    Registry::parse(&text).map_err(|source| FileError::Invalid { path: path.to_owned(), source })
+    let reg = Registry::parse(&text).map_err(|source| FileError::Invalid { path: path.to_owned(), source });
+    release_freed_memory();
+    reg
+}
+
+/// Hands the heap freed by a parse back to the system. Parsing a registry file builds a
+/// YAML tree about 35 times the file's size; glibc keeps that memory in the process
+/// once freed, so an agent at rest would hold the peak of its last parse (at 10,000
+/// backends: 32 MiB resident instead of 21).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it has no
+    // preconditions and touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -170,6 +185,8 @@ impl<'a> Watcher<'a> {
         reg: Registry,
         outliers: &'a mut Outliers,
     ) -> Self {
+        // The first apply's peak is behind us: hand it back before settling down.
+        release_freed_memory();
         let signals = Signals::open(writer.maps().pin_dir())
             .inspect_err(|e| {
                 metrics.error();
@@ -321,7 +338,9 @@ impl<'a> Watcher<'a> {
             Ok(text) if self.last_text.as_deref() == Some(text.as_str()) => {}
             Ok(text) => {
                 self.last_text = Some(text.clone());
-                match Registry::parse(&text) {
+                let parsed = Registry::parse(&text);
+                release_freed_memory();
+                match parsed {
                     Ok(next) => {
                         self.unapplied = Some(next);
                         (self.retry_at, self.backoff) = (Instant::now(), self.poll);
@@ -340,7 +359,10 @@ impl<'a> Watcher<'a> {
     fn apply_file(&mut self, next: Registry) {
         let path = &self.path;
         match apply(self.writer, &next, self.metrics, &self.node, self.outliers) {
-            Ok(_) => self.d = desired::from_registry(&next),
+            Ok(_) => {
+                self.d = desired::from_registry(&next);
+                release_freed_memory();
+            }
             Err(e @ WriteError::Capacity { .. }) => {
                 // Only a smaller file (or larger maps) can fix this: wait for a change.
                 self.metrics.error();
