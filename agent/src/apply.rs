@@ -25,6 +25,8 @@ pub fn revision(
 ) -> Result<(), WriteError> {
     let started = Instant::now();
     let report = writer.apply(&outliers.overlay(wanted), revision).inspect_err(|_| metrics.error())?;
+    // The maps hold the revision; nothing has acknowledged it yet.
+    crate::failpoint!("agent.apply.after_write");
     metrics.update(node, reg, writer);
     info!(
         %node,

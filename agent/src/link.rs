@@ -247,6 +247,7 @@ async fn session_inner(
     site: &Site,
     backoff: &mut Duration,
 ) -> Result<std::convert::Infallible, LinkError> {
+    crate::failpoint!("agent.link.connect", |fp| injected(fp));
     let mut client = AgentLinkClient::connect(url.to_owned())
         .await
         .map_err(|source| LinkError::Connect { url: url.to_owned(), source })?;
@@ -361,6 +362,7 @@ async fn session_inner(
         };
         let reg = next.to_registry();
         wanted = desired::from_registry(&reg);
+        crate::failpoint!("agent.link.apply", |fp| injected(fp));
         {
             let outliers = site.outliers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             crate::apply::revision(writer, &wanted, &reg, next.revision, &site.metrics, node, &outliers)?;
@@ -368,12 +370,19 @@ async fn session_inner(
         let (w, ack) = crate::inflight::Watch::start(next.revision, &wanted, writer.maps(), std::time::Instant::now());
         watch = (!w.done()).then_some(w);
         let ack = pb::AgentMessage { msg: Some(agent_message::Msg::Ack(ack)) };
+        crate::failpoint!("agent.link.ack_send", |fp| injected(fp));
         if tx.send(ack).await.is_err() {
             return Err(LinkError::Closed);
         }
         mirror = Some(next);
     }
     Err(LinkError::Closed)
+}
+
+/// The session's stream failing, injected by fail point `fp`.
+#[cfg(feature = "failpoints")]
+fn injected(fp: &str) -> LinkError {
+    LinkError::Stream(tonic::Status::unavailable(format!("injected by failpoint {fp}")))
 }
 
 /// A snapshot sent in parts ([`pb::SnapshotPart`]), assembled until its last part.
@@ -433,6 +442,8 @@ fn report(i: &InstanceInfo, op_id: &str) -> Option<pb::InstanceReport> {
 }
 
 async fn send_report(tx: &mpsc::Sender<pb::AgentMessage>, r: pb::InstanceReport) {
+    // `return`: the report is lost, as when the session's stream fails under it.
+    crate::failpoint!("agent.link.report_send", return);
     let _ = tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Instance(r)) }).await;
 }
 
@@ -572,6 +583,11 @@ async fn stop_instance(
             info!(service = %op.service, address = %op.address, report = %r.detail, "instance stopped");
         }
         Err(e) => {
+            // The driver handed the instance back, still running: report it as it is
+            // (not STOPPED), so the coordinator neither marks it down nor forgets it.
+            if let Some(now) = driver.get(&info.id).and_then(|i| report(&i, &op.op_id)) {
+                r = now;
+            }
             r.detail = format!("stop failed: {e}");
             warn!(service = %op.service, address = %op.address, error = %e, "stop failed");
         }

@@ -402,6 +402,77 @@ pub struct Writer {
     keep_retired: bool,
 }
 
+/// A fail point (README "Failpoints"), compiled in only with the `failpoints` feature:
+/// without it this expands to nothing. `failpoint!(NAME)` panics or sleeps as `FAILPOINTS`
+/// says; `failpoint!(NAME, |fp| ERR)` also makes `return` the enclosing function's
+/// `Err(ERR)` (`fp` is the point's name); `failpoint!(NAME, return)` returns `()` and
+/// `failpoint!(NAME, break)` leaves the enclosing loop; `failpoint!(NAME, io)` is an
+/// `io::Result<()>`, the injected error on `return`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        ::fail::fail_point!($name);
+    };
+    ($name:literal, return) => {
+        #[cfg(feature = "failpoints")]
+        ::fail::fail_point!($name, |_| ());
+    };
+    ($name:literal, break) => {
+        #[cfg(feature = "failpoints")]
+        if ::fail::eval($name, |_| ()).is_some() {
+            break;
+        }
+    };
+    ($name:literal, io) => {{
+        #[cfg(feature = "failpoints")]
+        let result = ::fail::eval($name, |_| $crate::writer::injected_io($name)).map_or(Ok(()), Err);
+        #[cfg(not(feature = "failpoints"))]
+        let result: std::io::Result<()> = Ok(());
+        result
+    }};
+    ($name:literal, |$fp:ident| $err:expr) => {
+        #[cfg(feature = "failpoints")]
+        ::fail::fail_point!($name, |_| {
+            let $fp: &'static str = $name;
+            Err($err)
+        });
+    };
+}
+
+/// Configures the fail points from `FAILPOINTS` (`name=action;...`, fail's syntax), once
+/// per process, and makes a panic anywhere end the process (as a crash would: a panic
+/// in a task would otherwise leave the agent up without it). Only with the `failpoints`
+/// feature (without it, neither this nor any fail point exists).
+#[cfg(feature = "failpoints")]
+pub fn failpoints_setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The scenario lives as long as the process (its drop would clear the points).
+        std::mem::forget(fail::FailScenario::setup());
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            std::process::exit(101);
+        }));
+    });
+}
+
+/// The I/O error a fail point injects, naming it.
+#[cfg(feature = "failpoints")]
+pub(crate) fn injected_io(fp: &str) -> std::io::Error {
+    std::io::Error::other(format!("injected by failpoint {fp}"))
+}
+
+/// A map operation's error, as the kernel would return it, injected by fail point `fp`.
+#[cfg(feature = "failpoints")]
+fn injected(op: &'static str, map: &'static str, fp: &str) -> WriteError {
+    let call = if op == "remove" { "bpf_map_delete_elem" } else { "bpf_map_update_elem" };
+    let source = MapError::SyscallError(aya::sys::SyscallError { call, io_error: injected_io(fp) });
+    WriteError::Kernel { op, map, source }
+}
+
 fn kernel(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> WriteError {
     move |source| WriteError::Kernel { op, map, source }
 }
@@ -409,6 +480,9 @@ fn kernel(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> Write
 impl Writer {
     /// Reads what the pinned maps hold, so that the next apply changes only what differs.
     pub fn new(mut maps: Maps) -> Result<Self, WriteError> {
+        // The writer opens first in both modes: fail points are set before any boundary.
+        #[cfg(feature = "failpoints")]
+        failpoints_setup();
         maps.at_start = Some(maps.all_backend_stats());
         let mut services = BTreeMap::new();
         for item in maps.services.iter() {
@@ -506,6 +580,7 @@ impl Writer {
         }
         for (ep, id) in &target.by_addr {
             if self.by_addr.get(ep) != Some(id) {
+                crate::failpoint!("agent.writer.backend_addr_insert", |fp| injected("insert", names::BACKEND_ADDR, fp));
                 self.maps.backend_addr.insert(ep, id, 0).map_err(kernel("insert", names::BACKEND_ADDR))?;
                 self.by_addr.insert(*ep, *id);
                 self.report.writes += 1;
@@ -551,6 +626,7 @@ impl Writer {
 
         // 5. The revision, last: whoever reads it knows the maps hold all of the above.
         let meta = Meta { revision, applied_at_ns: now_ns() };
+        crate::failpoint!("agent.writer.revision_set", |fp| injected("update", names::META, fp));
         self.maps.meta.set(0, meta, 0).map_err(kernel("update", names::META))?;
         self.names = target.names;
         self.report.services = self.services.len();
@@ -781,6 +857,7 @@ impl Writer {
     }
 
     fn put_backend(&mut self, id: u32, be: Backend) -> Result<(), WriteError> {
+        crate::failpoint!("agent.writer.backend_insert", |fp| injected("insert", names::BACKENDS, fp));
         self.maps.backends.insert(id, be, 0).map_err(kernel("insert", names::BACKENDS))?;
         self.backends.insert(id, be);
         self.report.writes += 1;
@@ -815,6 +892,7 @@ impl Writer {
         for (table, ids) in [(abi::TABLE_V4, &t.slots4), (abi::TABLE_V6, &t.slots6)] {
             for (slot, bid) in ids.iter().enumerate() {
                 let key = SlotKey { service_id: id, slot: slot as u16, table, gen: gen as u8 };
+                crate::failpoint!("agent.writer.slot_insert", |fp| injected("insert", names::SLOTS, fp));
                 self.maps.slots.insert(key, bid, 0).map_err(kernel("insert", names::SLOTS))?;
                 self.report.writes += 1;
             }
@@ -833,6 +911,7 @@ impl Writer {
             pad: [0; 3],
         };
         // The swap: one update replaces the whole entry for every reader at once.
+        crate::failpoint!("agent.writer.service_swap", |fp| injected("insert", names::SERVICES, fp));
         self.maps.services.insert(id, value, 0).map_err(kernel("insert", names::SERVICES))?;
         w.value = value;
         w.slots4 = t.slots4.clone();
@@ -869,6 +948,7 @@ impl Writer {
     }
 
     fn remove_slot(&mut self, key: &SlotKey) -> Result<(), WriteError> {
+        crate::failpoint!("agent.writer.slot_remove", |fp| injected("remove", names::SLOTS, fp));
         match self.maps.slots.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => {}
             Err(e) => return Err(kernel("remove", names::SLOTS)(e)),
@@ -890,6 +970,7 @@ impl Writer {
         if !self.backends.contains_key(&id) {
             return Ok(());
         }
+        crate::failpoint!("agent.writer.backend_remove", |fp| injected("remove", names::BACKENDS, fp));
         let addr_keys: Vec<Endpoint> = self.by_addr.iter().filter(|(_, b)| **b == id).map(|(ep, _)| *ep).collect();
         for ep in addr_keys {
             self.maps.backend_addr.remove(&ep).map_err(kernel("remove", names::BACKEND_ADDR))?;

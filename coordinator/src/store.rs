@@ -50,6 +50,57 @@ pub enum StoreError {
     },
 }
 
+/// A fail point (README "Failpoints"), compiled in only with the `failpoints` feature:
+/// without it this expands to nothing. `failpoint!(NAME)` panics or sleeps as `FAILPOINTS`
+/// says; `failpoint!(NAME, |fp| ERR)` also makes `return` the enclosing function's
+/// `Err(ERR)` (`fp` is the point's name); `failpoint!(NAME, break)` leaves the enclosing
+/// loop.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        ::fail::fail_point!($name);
+    };
+    ($name:literal, break) => {
+        #[cfg(feature = "failpoints")]
+        if ::fail::eval($name, |_| ()).is_some() {
+            break;
+        }
+    };
+    ($name:literal, |$fp:ident| $err:expr) => {
+        #[cfg(feature = "failpoints")]
+        ::fail::fail_point!($name, |_| {
+            let $fp: &'static str = $name;
+            Err($err)
+        });
+    };
+}
+
+/// Configures the fail points from `FAILPOINTS` (`name=action;...`, fail's syntax), once
+/// per process, and makes a panic anywhere end the process (as a crash would: a panic
+/// in a task, the rollout engine's say, would otherwise leave the coordinator up without
+/// it). Only with the `failpoints` feature (without it, neither this nor any fail point exists).
+#[cfg(feature = "failpoints")]
+pub fn failpoints_setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The scenario lives as long as the process (its drop would clear the points).
+        std::mem::forget(fail::FailScenario::setup());
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            std::process::exit(101);
+        }));
+    });
+}
+
+/// The I/O error a fail point injects into a store write, naming it.
+#[cfg(feature = "failpoints")]
+fn injected(fp: &str) -> redb::Error {
+    redb::Error::Io(std::io::Error::other(format!("injected by failpoint {fp}")))
+}
+
 /// The durable registry.
 pub struct Store {
     db: Database,
@@ -68,6 +119,9 @@ pub type Tombstone = (Key, u64);
 impl Store {
     /// Opens (or creates) `dir/registry.redb`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        // The store opens first: fail points are set before any boundary.
+        #[cfg(feature = "failpoints")]
+        failpoints_setup();
         let path = dir.join("registry.redb");
         let db = (|| -> Result<Database, redb::Error> {
             std::fs::create_dir_all(dir)?;
@@ -176,8 +230,11 @@ impl Store {
                 }
                 tx.open_table(META)?.insert("revision", revision)?;
             }
+            crate::failpoint!("store.commit.before_fsync", |fp| injected(fp));
             // Durability::Immediate (the default): fsync before commit returns.
             tx.commit()?;
+            // Durable; the caller has not applied or published it yet.
+            crate::failpoint!("store.commit.after_fsync");
             Ok(())
         };
         write().map_err(self.db_err())
@@ -190,6 +247,7 @@ impl Store {
         let write = || -> Result<(), redb::Error> {
             let tx = self.db.begin_write()?;
             tx.open_table(RECORDS)?.insert(name, bytes)?;
+            crate::failpoint!("store.put_record.before_fsync", |fp| injected(fp));
             tx.commit()?;
             Ok(())
         };
@@ -265,6 +323,7 @@ impl Store {
                     t.insert(node.as_str(), *at)?;
                 }
             }
+            crate::failpoint!("store.put_nodes.before_fsync", |fp| injected(fp));
             tx.commit()?;
             Ok(())
         };
@@ -291,6 +350,7 @@ impl Store {
                     }
                 }
             }
+            crate::failpoint!("store.write_row.before_fsync", |fp| injected(fp));
             tx.commit()?;
             Ok(())
         };

@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask test [-- ARGS]`: check the machine (kernel, cgroup v2, root), install the
 //!   Debian packages the tests use if any is missing, then run `cargo test --workspace ARGS`
-//!   (`-p PKG` in ARGS narrows it to that package) and exit with its status.
+//!   (`-p PKG` in ARGS narrows it to that package); then, unless narrowed, the fail-point
+//!   suite against binaries built with fail points in target/failpoints; exit with the status.
 //! - `cargo xtask deps`: only install the packages the tests and CI use (as root).
 //! - `cargo xtask ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed
 //!   `ebpf/*.bpf.o`, or check that the committed objects match their sources; then
@@ -99,11 +100,44 @@ fn test(rest: &[String]) -> Result<ExitCode, String> {
     }
     c.args(rest);
     let status = c.status().map_err(|e| format!("running cargo test: {e}"))?;
+    if status.success() && !narrowed {
+        failpoints()?;
+    }
     Ok(match status.code() {
         Some(0) => ExitCode::SUCCESS,
         Some(n) => ExitCode::from(u8::try_from(n).unwrap_or(1)),
         None => ExitCode::FAILURE,
     })
+}
+
+/// `tests/tests/failpoints.rs`, against the agent and the coordinator built with their
+/// `failpoints` feature. Its own target directory: `target/debug` keeps the binaries
+/// without fail points, which every other suite tests, and neither build relinks the other's.
+fn failpoints() -> Result<(), String> {
+    let dir = root().join("target/failpoints");
+    let mut b = cargo();
+    b.args(["build", "--target-dir"]).arg(&dir).args([
+        "-p",
+        "hitless-agent",
+        "-p",
+        "hitless-cli",
+        "-p",
+        "hitless-tests",
+        "--bins",
+        "--features",
+        "hitless-agent/failpoints,hitless-coordinator/failpoints",
+    ]);
+    run(b, "building the agent and the coordinator with fail points")?;
+    let mut t = cargo();
+    t.args(["test", "--target-dir"]).arg(&dir).args([
+        "-p",
+        "hitless-tests",
+        "--features",
+        "hitless-agent/failpoints,failpoints",
+        "--test",
+        "failpoints",
+    ]);
+    run(t, "the fail-point suite (tests/tests/failpoints.rs)")
 }
 
 fn root() -> PathBuf {

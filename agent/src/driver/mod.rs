@@ -212,7 +212,8 @@ impl Driver {
         let rec_err = |source| DriverError::Record { id: id.clone(), path: rec_path.clone(), source };
         rec.save(&self.state_dir).map_err(rec_err)?;
         let cg = self.cgroup_dir(&id);
-        if let Err(source) = std::fs::create_dir(&cg) {
+        let created = crate::failpoint!("agent.driver.start.cgroup_create", io).and_then(|()| std::fs::create_dir(&cg));
+        if let Err(source) = created {
             let _ = std::fs::remove_file(&rec_path);
             return Err(DriverError::Cgroup { id, path: cg, source });
         }
@@ -228,6 +229,8 @@ impl Driver {
                 return Err(DriverError::Spawn { id, service, program, source });
             }
         };
+        // Running, its record without a pid yet.
+        crate::failpoint!("agent.driver.start.after_spawn");
         rec.pid = child.id();
         let mut inst = Instance { rec, child: Some(child), crashed: None, stopping: false };
         if let Err(e) = inst.rec.save(&self.state_dir) {
@@ -326,6 +329,8 @@ impl Driver {
             // The stop owns the record now (it may have deleted it already).
             return Err(DriverError::Stopping(id.to_string()));
         }
+        // Healthy; the record still says starting.
+        crate::failpoint!("agent.driver.health.mark_serving");
         inst.rec.phase = Phase::Serving;
         inst.rec.save(&self.state_dir).map_err(|source| DriverError::Record {
             id: id.to_string(),

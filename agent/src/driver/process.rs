@@ -26,6 +26,7 @@ pub(crate) fn spawn(
     log: &Path,
     session: bool,
 ) -> io::Result<Child> {
+    crate::failpoint!("agent.driver.spawn", |fp| crate::writer::injected_io(fp));
     let (program, args) =
         argv.split_first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the command is empty"))?;
     let out = OpenOptions::new().create(true).append(true).open(log)?;

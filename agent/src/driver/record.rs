@@ -47,7 +47,9 @@ impl Record {
         let tmp = state_dir.join(format!(".{}{SUFFIX}.tmp", self.id));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(self.encode().as_bytes())?;
+        crate::failpoint!("agent.driver.record.before_fsync", |fp| crate::writer::injected_io(fp));
         f.sync_all()?;
+        crate::failpoint!("agent.driver.record.before_rename", |fp| crate::writer::injected_io(fp));
         std::fs::rename(&tmp, &path)?;
         // The rename itself must survive a crash of the machine too.
         std::fs::File::open(state_dir)?.sync_all()

@@ -93,6 +93,7 @@ impl Driver {
         let populated = || process::populated(&cg).unwrap_or(true);
 
         // Pre-stop hook.
+        crate::failpoint!("agent.driver.stop.before_prestop", |fp| cgroup_error(id, &cg, fp));
         let mut prestop_error = None;
         if let (false, Some(hook)) = (crashed, &rec.spec.prestop) {
             let limit = deadline.saturating_duration_since(Instant::now());
@@ -133,6 +134,7 @@ impl Driver {
         info!(node, service, instance = id, address = %address, phase = "drain", end = %drain_end, active = active_at_end, drain_ms = (t_term - t_drain).as_millis() as u64, "drain over");
 
         // SIGTERM to every process (also those forked meanwhile), up to the grace.
+        crate::failpoint!("agent.driver.stop.before_sigterm", |fp| cgroup_error(id, &cg, fp));
         let mut signalled = BTreeSet::new();
         let grace_end = t_term + rec.spec.grace;
         while populated() {
@@ -176,11 +178,15 @@ impl Driver {
                 sleep(POLL).await;
             }
         }
-        if let Err(source) = process::remove_cgroup(&cg) {
+        let removed =
+            crate::failpoint!("agent.driver.stop.cgroup_remove", io).and_then(|()| process::remove_cgroup(&cg));
+        if let Err(source) = removed {
             return Err(DriverError::Cgroup { id: id.to_string(), path: cg, source });
         }
         let rec_path = Record::path(&self.state_dir, id);
-        match std::fs::remove_file(&rec_path) {
+        let removed =
+            crate::failpoint!("agent.driver.stop.record_remove", io).and_then(|()| std::fs::remove_file(&rec_path));
+        match removed {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(DriverError::Record { id: id.to_string(), path: rec_path, source: e });
             }
@@ -204,6 +210,12 @@ impl Driver {
         info!(node, service, instance = id, address = %address, phase = "stopped", drain_end = %drain_end, killed, total_ms = report.total.as_millis() as u64, "instance stopped; cgroup, address and record released");
         Ok(report)
     }
+}
+
+/// The cgroup read that a stop's step would fail with, injected by fail point `fp`.
+#[cfg(feature = "failpoints")]
+fn cgroup_error(id: &str, cg: &std::path::Path, fp: &str) -> DriverError {
+    DriverError::Cgroup { id: id.to_string(), path: cg.to_path_buf(), source: crate::writer::injected_io(fp) }
 }
 
 /// Hands an instance back when its stop ends early (an error, or the caller dropped the

@@ -45,6 +45,7 @@ impl std::fmt::Display for Quiet {
 /// `limit` (the drain deadline, the operator's bound on the whole drain): past it the
 /// stop goes on, and the result names the nodes that were late.
 pub async fn quiet_everywhere(shared: &Shared, revision: u64, address: &str, limit: Duration) -> Quiet {
+    crate::failpoint!("coordinator.engine.handshakes.quiet");
     let start = Instant::now();
     loop {
         let nodes = shared.nodes();

@@ -57,6 +57,8 @@ pub async fn run(shared: Arc<Shared>) {
             Err(StepError::Failed(e)) => Err(e),
             Ok(o) => Ok(o),
         };
+        // The step is over; its outcome is not recorded yet.
+        crate::failpoint!("coordinator.engine.step.after");
         interruptions = 0;
         // A push, pause or abort may have replaced the record while the step ran.
         if let Some(now) = shared.rollout() {
@@ -138,6 +140,12 @@ enum StepError {
     /// An agent restarted mid-step, so the reports it owed for operations of its old
     /// session will never come: observe again and carry on from what really runs.
     Interrupted(String),
+}
+
+/// A step's error, injected by fail point `fp`.
+#[cfg(feature = "failpoints")]
+fn injected(fp: &str) -> StepError {
+    StepError::Failed(format!("injected by failpoint {fp}"))
 }
 
 impl From<String> for StepError {
@@ -241,6 +249,7 @@ async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, StepError> {
     ensure_services(shared, &arch)?;
     wait_for_nodes(shared).await?;
     let observed = observe(shared);
+    crate::failpoint!("coordinator.engine.step.before", |fp| injected(fp));
     let Some(step) = next_step(&observed, &target, &strategy) else { return Ok(Outcome::Done) };
     let mut line = Vec::new();
     let mut stops = Vec::new();
@@ -536,6 +545,7 @@ async fn execute(
 /// once, so traffic never passes through a moment where the old weights are down and
 /// the new ones not yet up (blue-green's switch, weighted's shares).
 fn weights(shared: &Shared, service: &str, ops: &ServiceOps) -> Result<(), String> {
+    crate::failpoint!("coordinator.engine.weights.before", |fp| format!("injected by failpoint {fp}"));
     if ops.weights.is_empty() {
         return Ok(());
     }
@@ -602,6 +612,8 @@ async fn start(
         shared.send_op(node, msg).map_err(|e| reconnecting(shared, node, e))?;
         pending.insert(op_id, node.clone());
     }
+    // Start operations sent; no report waited for yet.
+    crate::failpoint!("coordinator.engine.start.after_send", |fp| injected(fp));
     let weight_of = |version: &str, node: &str| {
         ops.start.iter().find(|(v, n, _)| v == version && n == node).map_or(hitless_model::DEFAULT_WEIGHT, |s| s.2)
     };
@@ -671,6 +683,8 @@ async fn start(
         }
         match rep.phase() {
             pb::InstancePhase::Serving => {
+                // Healthy on its node, not registered yet.
+                crate::failpoint!("coordinator.engine.start.before_register", |fp| injected(fp));
                 register(shared, service, &rep.address, &rep.version, &node, weight_of(&rep.version, &node))?;
                 pending.remove(&rep.op_id);
                 awaiting.remove(&rep.address);
@@ -744,6 +758,7 @@ async fn stop(
     let mut detail = format!("{service} {address}: not run by any agent");
     let deadline = svc.and_then(|s| s.drain_deadline).map_or(DEFAULT_DRAIN_DEADLINE, |d| d.to_std());
     let mut handshakes = None;
+    crate::failpoint!("coordinator.engine.stop.before_barrier", |fp| injected(fp));
     if shared.instance(&key).is_some() {
         let d = barrier(shared, key.clone(), pb::InstanceState::Draining, Duration::from_secs(10))
             .await
@@ -756,6 +771,8 @@ async fn stop(
         applied_everywhere(shared, d.revision, address).await?;
         handshakes = Some(super::handshakes::quiet_everywhere(shared, d.revision, address, deadline).await);
     }
+    // Drained on every node; the stop not sent yet.
+    crate::failpoint!("coordinator.engine.stop.after_barrier", |fp| injected(fp));
     if let Some(node) = node {
         let mut reports = shared.reports.subscribe();
         let sessions = sessions(shared);
@@ -773,6 +790,8 @@ async fn stop(
                 }),
             )
             .map_err(|e| reconnecting(shared, node, e))?;
+        // The stop is on its way to the agent; its report not waited for yet.
+        crate::failpoint!("coordinator.engine.stop.after_send", |fp| injected(fp));
         let until = Instant::now() + deadline + GRACE + Duration::from_secs(10);
         loop {
             let wait = until.saturating_duration_since(Instant::now());
@@ -790,6 +809,15 @@ async fn stop(
                         };
                         break;
                     }
+                    // The agent could not stop it (it is still running): say why now
+                    // rather than after the stop's whole time.
+                    _ if rep.detail.starts_with("stop failed") => {
+                        return Err(format!(
+                            "instance {address} of {service} on node {node} could not be stopped: {}",
+                            rep.detail
+                        )
+                        .into());
+                    }
                     _ => {}
                 },
                 Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
@@ -800,6 +828,8 @@ async fn stop(
             }
         }
     }
+    // Stopped; still registered as draining.
+    crate::failpoint!("coordinator.engine.stop.before_bury", |fp| injected(fp));
     if shared.instance(&key).is_some() {
         // Not deregistered yet: kept down, so that a client whose cache still lists the
         // address is steered to a sibling rather than refused.

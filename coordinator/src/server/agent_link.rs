@@ -51,6 +51,9 @@ impl agent_link_server::AgentLink for AgentLinkApi {
                 hitless_model::registry::NODE_NAME_FIX
             )));
         }
+        crate::failpoint!("coordinator.agent_link.hello", |fp| Status::unavailable(format!(
+            "injected by failpoint {fp}"
+        )));
         let node = hello.node.clone();
         let session = self.shared.connect(&node, hello.applied_revision);
         bury_crashed(&self.shared, &node, &hello.instances);
@@ -80,6 +83,8 @@ impl agent_link_server::AgentLink for AgentLinkApi {
                         d => Some(coordinator_message::Msg::Delta(d)),
                     },
                 };
+                // `return`: the stream to the agent fails (the session ends).
+                crate::failpoint!("coordinator.agent_link.send_update", break);
                 let sent = match msg {
                     Some(msg) => Some(tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) })).await.is_ok()),
                     None if last.as_ref().is_some_and(|p| p.revision == now.revision) => None,
@@ -94,7 +99,10 @@ impl agent_link_server::AgentLink for AgentLinkApi {
                 tokio::select! {
                     changed = published.changed() => if changed.is_err() { break },
                     op = ops_rx.recv() => match op {
-                        Some(op) => if tx.send(Ok(op)).await.is_err() { break },
+                        Some(op) => {
+                            crate::failpoint!("coordinator.agent_link.send_op", break);
+                            if tx.send(Ok(op)).await.is_err() { break }
+                        }
                         None => break,
                     },
                     changed = wanted.changed() => {
@@ -115,6 +123,8 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
+                // `return`: the stream from the agent fails here (this message is lost).
+                crate::failpoint!("coordinator.agent_link.recv", break);
                 match m.msg {
                     Some(agent_message::Msg::Ack(a)) => shared.ack(&node, session, &a),
                     Some(agent_message::Msg::Instance(r)) => {

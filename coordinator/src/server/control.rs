@@ -52,6 +52,10 @@ pub async fn barrier(
         let mut acks = shared.acks.subscribe();
         let decided = Instant::now();
         let revision = shared.mutate(|s| s.set_state(&key, state))?;
+        // Decided and durable; no ack waited for yet.
+        crate::failpoint!("coordinator.barrier.after_commit", |fp| Status::unavailable(format!(
+            "injected by failpoint {fp}"
+        )));
         let deadline = decided + timeout;
 
         // Acks that already arrived (agents are fast): keep their exact times.

@@ -258,6 +258,8 @@ impl Shared {
             tokio::task::block_in_place(|| inner.store.put_record(ROLLOUT, &bytes))
                 .map_err(|e| Status::internal(format!("the rollout was not stored: {e}")))?;
         }
+        // Stored; not yet the one in force.
+        crate::failpoint!("coordinator.state.save_rollout.after_store");
         *lock(&self.rollout) = Some(r.clone());
         self.wake.notify_one();
         Ok(())
@@ -362,6 +364,8 @@ impl Shared {
         // Durable first: a SIGKILL after this line loses nothing that was acknowledged.
         tokio::task::block_in_place(|| inner.store.commit_burying(changes, revision, buried))
             .map_err(|e| Status::internal(format!("the change was not stored (nothing changed): {e}")))?;
+        // Durable; neither applied in memory nor published to agents yet.
+        crate::failpoint!("coordinator.state.commit.after_store");
         inner.state.commit(changes);
         {
             // As in the store: a tombstone goes with its instance.
@@ -590,6 +594,7 @@ impl Shared {
     /// Records an ack of `session` of `node`: the revision its maps hold, and the
     /// handshakes in flight from it to backends that stopped serving.
     pub fn ack(&self, node: &str, session: u64, ack: &pb::Ack) {
+        crate::failpoint!("coordinator.state.ack");
         let at = Instant::now();
         let revision = ack.revision;
         if let Some(n) = lock(&self.nodes).get_mut(node) {
