@@ -197,6 +197,12 @@ impl<'a> Watcher<'a> {
             .inspect_err(|e| warn!(file = %path.display(), error = %e, "cannot watch the registry file's directory; looking at the file every poll"))
             .ok();
         let stat_every = if inotify.is_some() { STAT_SAFETY.max(poll) } else { poll };
+        // The file may have changed since `reg` was read from it (a write right after
+        // the first apply): remember it only if it still holds `reg`, else the first look
+        // takes the change. The stamp first: a write after it shows as a new stamp.
+        let last_stamp = stamp(path);
+        let last_text = std::fs::read_to_string(path).ok().filter(|t| Registry::parse(t).ok().as_ref() == Some(&reg));
+        let last_stamp = last_stamp.filter(|_| last_text.is_some());
         let now = Instant::now();
         Self {
             path: path.to_owned(),
@@ -210,8 +216,8 @@ impl<'a> Watcher<'a> {
             inotify,
             stat_every,
             next_stat: now + stat_every,
-            last_stamp: stamp(path),
-            last_text: std::fs::read_to_string(path).ok(),
+            last_stamp,
+            last_text,
             d: desired::from_registry(&reg),
             unapplied: None,
             retry_at: now,
