@@ -35,12 +35,18 @@ pub fn nodes(coord: &Coordinator, name: &str, k: u8) -> Vec<Node> {
 
 /// Like [`nodes`] with extra agent flags for node `i`.
 pub fn nodes_with(coord: &Coordinator, name: &str, k: u8, extra: impl Fn(usize) -> Vec<String>) -> Vec<Node> {
+    nodes_in(coord, name, &format!("127.16{k}."), extra)
+}
+
+/// Three nodes following `coord`, node `i`'s instance addresses from `{pool}{i}.0/24`
+/// (`pool` like "127.175."), with extra agent flags for node `i`.
+pub fn nodes_in(coord: &Coordinator, name: &str, pool: &str, extra: impl Fn(usize) -> Vec<String>) -> Vec<Node> {
     (0..3)
         .map(|i| {
             let mut n = Node::new(&format!("{name}{i}"));
             let workload = n.cgroup.path().join("workload");
             let state = n.dir.join("state");
-            let pool = format!("127.16{k}.{i}.0/24");
+            let pool = format!("{pool}{i}.0/24");
             let mut args = vec![
                 "--workload-cgroup".to_owned(),
                 workload.to_str().expect("utf-8").to_owned(),
@@ -123,9 +129,14 @@ impl Rig {
     pub fn new_with(name: &str, k: u8, coordinator: &[&str], agent: impl Fn(usize) -> Vec<String>) -> Self {
         let coord = Coordinator::start_with(name, &format!("127.130.{}.1:7070", 10 + k), coordinator);
         let nodes = nodes_with(&coord, name, k, agent);
-        coord.wait_synced(3);
+        Self::deploy(coord, nodes, &format!("127.77.6{k}.1:8080"), Vec::new())
+    }
+
+    /// Waits for the nodes' agents, then deploys v1 straight (with `svc_flags`) behind `vip`.
+    pub fn deploy(coord: Coordinator, nodes: Vec<Node>, vip: &str, svc_flags: Vec<String>) -> Self {
+        coord.wait_synced(nodes.len());
         let dir = nodes[0].dir.clone();
-        let rig = Self { coord, nodes, dir, vip: format!("127.77.6{k}.1:8080"), svc_flags: Vec::new() };
+        let rig = Self { coord, nodes, dir, vip: vip.to_owned(), svc_flags };
         let out = rig.push("v1", &[], &["--strategy", "straight"]);
         assert!(out.status.success(), "first deploy: {}", String::from_utf8_lossy(&out.stderr));
         rig
@@ -214,4 +225,22 @@ pub fn pids(pool_prefix: &str) -> std::collections::BTreeMap<String, String> {
             Some((addr, pid))
         })
         .collect()
+}
+
+/// xorshift64: small, seedable, reproducible (the chaos test and the soak replay seeds).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    pub fn draw(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `lo..hi` (`lo` when the range is empty).
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.draw() % (hi.saturating_sub(lo)).max(1)
+    }
 }

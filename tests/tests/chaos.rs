@@ -7,22 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use hitless_tests::rig::{assert_no_loss, finish, instances, pids, Rig};
-
-/// xorshift64: small, seedable, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-}
+use hitless_tests::rig::{assert_no_loss, finish, instances, pids, Rig, Rng};
 
 fn seed() -> u64 {
     std::env::var("HITLESS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hitless_tests::rig::{instances, Rig};
-use hitless_tests::{Coordinator, Node};
+use hitless_tests::rig::{instances, nodes_in, Rig};
+use hitless_tests::Coordinator;
 
 const POOL: &str = "127.177.";
 
@@ -17,31 +17,8 @@ const POOL: &str = "127.177.";
 /// boot (`boot_ms`) so that a kill lands while a new one starts.
 fn rig(name: &str, boot_ms: u32) -> Rig {
     let coord = Coordinator::start(name, "127.130.47.1:7070");
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let mut n = Node::new(&format!("{name}{i}"));
-            let workload = n.cgroup.path().join("workload");
-            let state = n.dir.join("state");
-            n.agent_args(&[
-                "--workload-cgroup",
-                workload.to_str().expect("utf-8"),
-                "--instance-addresses",
-                &format!("{POOL}{i}.0/24"),
-                "--state-dir",
-                state.to_str().expect("utf-8"),
-            ]);
-            n.follow(&coord.url);
-            n.spawn_agent();
-            n
-        })
-        .collect();
-    coord.wait_synced(3);
-    let dir = nodes[0].dir.clone();
-    let svc_flags = vec!["--boot-ms".to_owned(), boot_ms.to_string()];
-    let rig = Rig { coord, nodes, dir, vip: "127.77.77.1:8080".to_owned(), svc_flags };
-    let out = rig.push("v1", &[], &["--strategy", "straight"]);
-    assert!(out.status.success(), "first deploy: {}", String::from_utf8_lossy(&out.stderr));
-    rig
+    let nodes = nodes_in(&coord, name, POOL, |_| Vec::new());
+    Rig::deploy(coord, nodes, "127.77.77.1:8080", vec!["--boot-ms".to_owned(), boot_ms.to_string()])
 }
 
 /// The instance cgroups (`inst-<id>`) in a node's workload cgroup.

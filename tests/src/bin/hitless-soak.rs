@@ -15,23 +15,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use hitless_tests::gateway::{require_tools, Gateway, Upstream, Wrk};
-use hitless_tests::rig::{finish, instances, pids, Rig};
-use hitless_tests::{require_root, Coordinator, Node};
-
-/// xorshift64: small, seedable, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo).max(1)
-    }
-}
+use hitless_tests::rig::{finish, instances, nodes_in, pids, Rig, Rng};
+use hitless_tests::{require_root, Coordinator};
 
 const STRATEGIES: [&[&str]; 6] = [
     &["--strategy", "rolling", "--max-surge", "1", "--max-unavailable", "0"],
@@ -256,31 +241,8 @@ fn soak(rollouts: u32, kills: u32, seed: u64, t: &mut Tally) {
 /// instances start, and handshakes are in flight when instances drain.
 fn rig() -> Rig {
     let coord = Coordinator::start("soak", COORDINATOR);
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let mut n = Node::new(&format!("soak{i}"));
-            let workload = n.cgroup.path().join("workload");
-            let state = n.dir.join("state");
-            n.agent_args(&[
-                "--workload-cgroup",
-                workload.to_str().expect("utf-8"),
-                "--instance-addresses",
-                &format!("{POOL}{i}.0/24"),
-                "--state-dir",
-                state.to_str().expect("utf-8"),
-            ]);
-            n.follow(&coord.url);
-            n.spawn_agent();
-            n
-        })
-        .collect();
-    coord.wait_synced(3);
-    let dir = nodes[0].dir.clone();
-    let svc_flags = ["--boot-ms", "150", "--backlog", "5"].map(str::to_owned).to_vec();
-    let rig = Rig { coord, nodes, dir, vip: VIP.to_owned(), svc_flags };
-    let out = rig.push("v1", &[], &["--strategy", "straight"]);
-    assert!(out.status.success(), "first deploy: {}", String::from_utf8_lossy(&out.stderr));
-    rig
+    let nodes = nodes_in(&coord, "soak", POOL, |_| Vec::new());
+    Rig::deploy(coord, nodes, VIP, ["--boot-ms", "150", "--backlog", "5"].map(str::to_owned).to_vec())
 }
 
 /// Milliseconds since process `pid` started (from /proc: start time in clock ticks
