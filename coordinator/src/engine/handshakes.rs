@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::server::Shared;
+use super::fleet::Fleet;
 
 /// How often the wait re-reads what the agents reported.
 const POLL: Duration = Duration::from_millis(5);
@@ -44,13 +44,13 @@ impl std::fmt::Display for Quiet {
 /// instances. Bounded by
 /// `limit` (the drain deadline, the operator's bound on the whole drain): past it the
 /// stop goes on, and the result names the nodes that were late.
-pub async fn quiet_everywhere(shared: &Shared, revision: u64, address: &str, limit: Duration) -> Quiet {
+pub async fn quiet_everywhere<F: Fleet>(fleet: &F, revision: u64, address: &str, limit: Duration) -> Quiet {
     crate::failpoint!("coordinator.engine.handshakes.quiet");
     let start = Instant::now();
     loop {
-        let nodes = shared.nodes();
+        let nodes = fleet.nodes();
         let mut wanted: std::collections::BTreeSet<String> = nodes.keys().cloned().collect();
-        wanted.extend(shared.snapshot().instances.iter().filter(|i| !i.node.is_empty()).map(|i| i.node.clone()));
+        wanted.extend(fleet.snapshot().instances.iter().filter(|i| !i.node.is_empty()).map(|i| i.node.clone()));
         let late: Vec<(String, u64)> = wanted
             .into_iter()
             .filter_map(|name| match nodes.get(&name) {

@@ -3,6 +3,7 @@
 //! [`record`] what it stores; the functions here are the operator's controls.
 
 pub mod decide;
+pub mod fleet;
 pub mod handshakes;
 pub mod prometheus;
 pub mod record;
@@ -12,12 +13,12 @@ use hitless_model::Architecture;
 use hitless_proto::v1 as pb;
 use tonic::Status;
 
+use self::fleet::Fleet;
 use self::record::{Phase, Rollout, StrategyRecord};
-use crate::server::Shared;
 use crate::target::Target;
 
 /// `push`: starts a rollout to the target, or replaces the target of the one running.
-pub fn push(shared: &Shared, req: &pb::PushRequest) -> Result<pb::PushResponse, Status> {
+pub fn push<F: Fleet>(fleet: &F, req: &pb::PushRequest) -> Result<pb::PushResponse, Status> {
     let arch = Architecture::parse(&req.architecture_yaml).map_err(|e| {
         let lines: Vec<String> = e.problems().iter().map(|p| format!("architecture_yaml: {p}")).collect();
         Status::invalid_argument(lines.join("\n"))
@@ -25,11 +26,11 @@ pub fn push(shared: &Shared, req: &pb::PushRequest) -> Result<pb::PushResponse, 
     let spec = req.strategy.as_ref().ok_or_else(|| Status::invalid_argument("strategy: missing; give { name }"))?;
     let strategy = StrategyRecord::from(spec);
     let (s, gates) = strategy.build().map_err(|p| Status::invalid_argument(p.join("\n")))?;
-    let observed = run::observe(shared);
+    let observed = run::observe(fleet);
     let planned = crate::planner::plan(&decide::cluster(&observed), &Target::new(&arch), &s, &gates)
         .map_err(|e| Status::invalid_argument(format!("strategy: {e}")))?;
-    let previous = shared.rollout();
-    let id = format!("r{}", shared.revision());
+    let previous = fleet.rollout();
+    let id = format!("r{}", fleet.revision());
     let previous_yaml = previous.as_ref().and_then(|p| p.previous_yaml.clone());
     let mut r = Rollout {
         id: id.clone(),
@@ -42,20 +43,23 @@ pub fn push(shared: &Shared, req: &pb::PushRequest) -> Result<pb::PushResponse, 
         log: previous.map(|p| p.log).unwrap_or_default(),
     };
     r.note(format!("push {id}: {} steps planned with {}", planned.steps.len(), spec.name));
-    shared.save_rollout(&r)?;
+    fleet.save_rollout(&r)?;
     Ok(pb::PushResponse { rollout_id: id, steps: planned.steps.len() as u32 })
 }
 
-fn change(shared: &Shared, f: impl FnOnce(&mut Rollout) -> Result<(), Status>) -> Result<pb::RolloutResponse, Status> {
-    let mut r = shared.rollout().ok_or_else(|| Status::failed_precondition("no rollout: push one first"))?;
+fn change<F: Fleet>(
+    fleet: &F,
+    f: impl FnOnce(&mut Rollout) -> Result<(), Status>,
+) -> Result<pb::RolloutResponse, Status> {
+    let mut r = fleet.rollout().ok_or_else(|| Status::failed_precondition("no rollout: push one first"))?;
     f(&mut r)?;
-    shared.save_rollout(&r)?;
-    Ok(pb::RolloutResponse { rollout: status(shared) })
+    fleet.save_rollout(&r)?;
+    Ok(pb::RolloutResponse { rollout: status(fleet) })
 }
 
 /// `pause`: no new step starts until `resume`.
-pub fn pause(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
-    change(shared, |r| match r.phase {
+pub fn pause<F: Fleet>(fleet: &F) -> Result<pb::RolloutResponse, Status> {
+    change(fleet, |r| match r.phase {
         Phase::Running => {
             r.phase = Phase::Paused;
             r.note("paused");
@@ -66,8 +70,8 @@ pub fn pause(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
 }
 
 /// `resume`: continues a paused rollout.
-pub fn resume(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
-    change(shared, |r| match r.phase {
+pub fn resume<F: Fleet>(fleet: &F) -> Result<pb::RolloutResponse, Status> {
+    change(fleet, |r| match r.phase {
         Phase::Paused => {
             r.phase = Phase::Running;
             r.note("resumed");
@@ -78,8 +82,8 @@ pub fn resume(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
 }
 
 /// `promote`: opens the approval gate.
-pub fn promote(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
-    change(shared, |r| match r.phase {
+pub fn promote<F: Fleet>(fleet: &F) -> Result<pb::RolloutResponse, Status> {
+    change(fleet, |r| match r.phase {
         Phase::Waiting => {
             r.phase = Phase::Running;
             r.message.clear();
@@ -92,8 +96,8 @@ pub fn promote(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
 
 /// `abort`: returns to the last completed architecture, the safe way (with the same
 /// strategy's care: drains before stops).
-pub fn abort(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
-    change(shared, |r| {
+pub fn abort<F: Fleet>(fleet: &F) -> Result<pb::RolloutResponse, Status> {
+    change(fleet, |r| {
         if matches!(r.phase, Phase::Done | Phase::RolledBack) {
             return Err(Status::failed_precondition(format!(
                 "the rollout is {}: nothing to abort; push the architecture you want instead",
@@ -113,12 +117,12 @@ pub fn abort(shared: &Shared) -> Result<pb::RolloutResponse, Status> {
 
 /// `pull`: the running architecture, as an architecture file: each service of the last
 /// pushed target with the version most of its instances run and where they run now.
-pub fn pull(shared: &Shared) -> Result<String, Status> {
-    let r = shared.rollout().ok_or_else(|| {
+pub fn pull<F: Fleet>(fleet: &F) -> Result<String, Status> {
+    let r = fleet.rollout().ok_or_else(|| {
         Status::failed_precondition("nothing was deployed through hitless yet: push an architecture first")
     })?;
     let arch = r.target().map_err(Status::internal)?;
-    let observed = run::observe(shared);
+    let observed = run::observe(fleet);
     let mut services = Vec::new();
     for s in &arch.services {
         let mine: Vec<&decide::Observed> = observed
@@ -143,10 +147,10 @@ pub fn pull(shared: &Shared) -> Result<String, Status> {
 }
 
 /// The rollout as `status` shows it.
-pub fn status(shared: &Shared) -> Option<pb::RolloutStatus> {
-    let r = shared.rollout()?;
+pub fn status<F: Fleet>(fleet: &F) -> Option<pb::RolloutStatus> {
+    let r = fleet.rollout()?;
     let arch = r.target().ok()?;
-    let observed = run::observe(shared);
+    let observed = run::observe(fleet);
     let steps = r
         .strategy
         .build()

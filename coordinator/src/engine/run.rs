@@ -18,9 +18,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
 use super::decide::{next_step, Observed, ServiceOps};
+use super::fleet::Fleet;
 use super::record::{Phase, Rollout};
-use crate::server::control::barrier;
-use crate::server::Shared;
 use crate::strategy::{Gate, Inconclusive};
 use crate::target::Target;
 
@@ -33,18 +32,18 @@ pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 pub const GRACE: Duration = Duration::from_secs(10);
 
 /// Runs rollouts forever.
-pub async fn run(shared: Arc<Shared>) {
+pub async fn run<F: Fleet>(fleet: Arc<F>) {
     let mut interruptions = 0;
     loop {
-        let woken = shared.wake.notified();
+        let woken = fleet.wake().notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let Some(mut r) = shared.rollout().filter(|r| r.phase.is_active()) else {
+        let Some(mut r) = fleet.rollout().filter(|r| r.phase.is_active()) else {
             woken.await;
             continue;
         };
         let started = Instant::now();
-        let result = match step(&shared, &r).await {
+        let result = match step(&*fleet, &r).await {
             Err(StepError::Interrupted(why)) if interruptions < MAX_INTERRUPTIONS => {
                 interruptions += 1;
                 info!(rollout = %r.id, step = r.step + 1, %why, "step interrupted; observing again");
@@ -61,13 +60,13 @@ pub async fn run(shared: Arc<Shared>) {
         crate::failpoint!("coordinator.engine.step.after");
         interruptions = 0;
         // A push, pause or abort may have replaced the record while the step ran.
-        if let Some(now) = shared.rollout() {
+        if let Some(now) = fleet.rollout() {
             if now.id != r.id || now.target_yaml != r.target_yaml || now.phase != r.phase {
                 r = now;
                 if let Ok(Outcome::Stepped { .. }) = &result {
                     r.step += 1;
                 }
-                let _ = shared.save_rollout(&r);
+                let _ = fleet.save_rollout(&r);
                 continue;
             }
         }
@@ -125,7 +124,7 @@ pub async fn run(shared: Arc<Shared>) {
                 r.note(format!("step {} failed: {e}", r.step + 1));
             }
         }
-        if let Err(e) = shared.save_rollout(&r) {
+        if let Err(e) = fleet.save_rollout(&r) {
             warn!(error = %e, "could not record the rollout; retrying");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -159,19 +158,19 @@ impl From<String> for StepError {
 const SESSION_CHECK: Duration = Duration::from_millis(100);
 
 /// Each node's session in force.
-fn sessions(shared: &Shared) -> BTreeMap<String, u64> {
-    shared.nodes().into_iter().map(|(n, i)| (n, i.session)).collect()
+fn sessions<F: Fleet>(fleet: &F) -> BTreeMap<String, u64> {
+    fleet.nodes().into_iter().map(|(n, i)| (n, i.session)).collect()
 }
 
 /// `Interrupted` when the agent of one of `nodes` went away or is not the session that
 /// was sent the operations (it restarted, and the reports it owed are lost).
-fn same_sessions<'a>(
-    shared: &Shared,
+fn same_sessions<'a, F: Fleet>(
+    fleet: &F,
     sent: &BTreeMap<String, u64>,
     mut nodes: impl Iterator<Item = &'a str>,
     doing: &str,
 ) -> Result<(), StepError> {
-    let now = shared.nodes();
+    let now = fleet.nodes();
     match nodes.find(|n| !now.get(*n).is_some_and(|i| i.connected && sent.get(*n) == Some(&i.session))) {
         Some(n) => Err(StepError::Interrupted(format!("the agent of {n} restarted while {doing}"))),
         None => Ok(()),
@@ -211,12 +210,12 @@ enum Judgement {
 }
 
 /// What runs, for the services of `arch` and any service with instances run by agents.
-pub fn observe(shared: &Shared) -> Vec<Observed> {
+pub fn observe<F: Fleet>(fleet: &F) -> Vec<Observed> {
     let mut out = Vec::new();
-    for (node, instances) in shared.running() {
+    for (node, instances) in fleet.running() {
         for r in instances.values() {
             let key = (r.service.clone(), r.address.clone());
-            let registered = shared.instance(&key);
+            let registered = fleet.instance(&key);
             let state = match r.phase() {
                 pb::InstancePhase::Starting => InstanceState::Starting,
                 pb::InstancePhase::Stopping => InstanceState::Stopping,
@@ -242,20 +241,20 @@ pub fn observe(shared: &Shared) -> Vec<Observed> {
     out
 }
 
-async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, StepError> {
+async fn step<F: Fleet>(fleet: &F, r: &Rollout) -> Result<Outcome, StepError> {
     let arch = r.target()?;
     let target = Target::new(&arch);
     let (strategy, gates) = r.strategy.build().map_err(|p| p.join("; "))?;
-    ensure_services(shared, &arch)?;
-    wait_for_nodes(shared).await?;
-    let observed = observe(shared);
+    ensure_services(fleet, &arch)?;
+    wait_for_nodes(fleet).await?;
+    let observed = observe(fleet);
     crate::failpoint!("coordinator.engine.step.before", |fp| injected(fp));
     let Some(step) = next_step(&observed, &target, &strategy) else { return Ok(Outcome::Done) };
     let mut line = Vec::new();
     let mut stops = Vec::new();
     for (service, ops) in &step.services {
         let svc = arch.services.iter().find(|s| s.name == *service);
-        stops.extend(execute(shared, r, service, svc, ops, &observed).await?);
+        stops.extend(execute(fleet, r, service, svc, ops, &observed).await?);
         line.push(format!("{service}: +{} -{} weights {}", ops.start.len(), ops.stop.len(), ops.weights.len()));
     }
     let next = r.step as usize + 1;
@@ -267,7 +266,7 @@ async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, StepError> {
     }
     if let Some(Gate::Analysis { window, max_error_permille, inconclusive }) = &gate {
         let line = line.join(", ");
-        return Ok(match analyse(shared, &arch, &step.services, window.to_std(), *max_error_permille, next).await {
+        return Ok(match analyse(fleet, &arch, &step.services, window.to_std(), *max_error_permille, next).await {
             Err(why) => Outcome::GateFailed { line, why },
             Ok(Judgement::Pass) => Outcome::Stepped { gate: None, line, stops },
             Ok(Judgement::Inconclusive(why)) => match inconclusive {
@@ -288,8 +287,8 @@ async fn step(shared: &Shared, r: &Rollout) -> Result<Outcome, StepError> {
 /// configured: the increase of the same kernel counters over the window, queried once
 /// the server's scrape lag has passed. A server that cannot answer fails the gate, so a
 /// rollout never goes on unjudged.
-async fn analyse(
-    shared: &Shared,
+async fn analyse<F: Fleet>(
+    fleet: &F,
     arch: &Architecture,
     services: &BTreeMap<String, ServiceOps>,
     window: Duration,
@@ -300,11 +299,11 @@ async fn analyse(
         arch.services.iter().filter(|s| services.contains_key(&s.name)).collect();
     // (errors, attempts) of each judged service (None: no series), and where from.
     let mut counts: Vec<(u64, Option<u64>)> = Vec::new();
-    let source = match &shared.prometheus {
+    let source = match fleet.prometheus() {
         Some((url, lag)) => {
             tokio::time::sleep(window).await;
             let end = std::time::SystemTime::now();
-            tokio::time::sleep(*lag).await;
+            tokio::time::sleep(lag).await;
             let asked = |e: super::prometheus::QueryError| format!("analysis after step {step}: {e}");
             for s in &judged {
                 let (errors_q, attempts_q) = super::prometheus::failure_queries(&s.name, &s.version, window);
@@ -318,13 +317,13 @@ async fn analyse(
             // Ask the agents for these services' counters for the window (and no longer
             // than it: see SummariesWanted), and let one round of them arrive first, so
             // that `before` is not an old total.
-            let _wanted = SummariesWanted::ask(shared, judged.iter().map(|s| s.name.clone()));
+            let _wanted = SummariesWanted::ask(fleet, judged.iter().map(|s| s.name.clone()));
             tokio::time::sleep(SUMMARY_ROUND).await;
-            let before = shared.version_totals();
+            let before = fleet.version_totals();
             tokio::time::sleep(window).await;
             // Agents report every second: wait for one more report to cover the window's end.
             tokio::time::sleep(SUMMARY_ROUND).await;
-            let after = shared.version_totals();
+            let after = fleet.version_totals();
             for s in &judged {
                 let key = (s.name.clone(), s.version.clone());
                 let (c0, f0, r0) = before.get(&key).copied().unwrap_or_default();
@@ -360,18 +359,18 @@ const SUMMARY_ROUND: Duration = Duration::from_millis(1100);
 
 /// The agents send the counters of these services while this lives (an analysis
 /// window), none once it is dropped: idle agents read no counters for summaries.
-struct SummariesWanted<'a>(&'a Shared);
+struct SummariesWanted<'a, F: Fleet>(&'a F);
 
-impl<'a> SummariesWanted<'a> {
-    fn ask(shared: &'a Shared, services: impl IntoIterator<Item = String>) -> Self {
-        shared.summaries.send_replace(services.into_iter().collect());
-        Self(shared)
+impl<'a, F: Fleet> SummariesWanted<'a, F> {
+    fn ask(fleet: &'a F, services: impl IntoIterator<Item = String>) -> Self {
+        fleet.want_summaries(services.into_iter().collect());
+        Self(fleet)
     }
 }
 
-impl Drop for SummariesWanted<'_> {
+impl<F: Fleet> Drop for SummariesWanted<'_, F> {
     fn drop(&mut self) {
-        self.0.summaries.send_replace(std::collections::BTreeSet::new());
+        self.0.want_summaries(std::collections::BTreeSet::new());
     }
 }
 
@@ -413,17 +412,17 @@ pub const NODE_WAIT: Duration = Duration::from_secs(30);
 /// without a node's report would start its instances a second time (after a coordinator
 /// restart, agents take a moment to redial). The roster is stored, so a node whose agent
 /// is away while the coordinator restarts is waited for all the same.
-async fn wait_for_nodes(shared: &Shared) -> Result<(), String> {
+async fn wait_for_nodes<F: Fleet>(fleet: &F) -> Result<(), String> {
     let deadline = Instant::now() + NODE_WAIT;
     loop {
-        let running: std::collections::BTreeSet<String> = shared
+        let running: std::collections::BTreeSet<String> = fleet
             .snapshot()
             .instances
             .iter()
             .filter(|i| !i.node.is_empty() && i.state() != pb::InstanceState::Down)
             .map(|i| i.node.clone())
             .collect();
-        let nodes = shared.nodes();
+        let nodes = fleet.nodes();
         let connected = |n: &String| nodes.get(n).is_some_and(|x| x.connected);
         let (with, without): (Vec<&String>, Vec<&String>) = nodes
             .keys()
@@ -460,12 +459,12 @@ async fn wait_for_nodes(shared: &Shared) -> Result<(), String> {
 /// is back and has applied the drain would refuse that node's clients. The nodes are
 /// those of the roster (stored: it outlives a coordinator restart, and only an
 /// operator's `hitless node remove` shortens it) and those that run instances.
-async fn applied_everywhere(shared: &Shared, revision: u64, address: &str) -> Result<(), String> {
+async fn applied_everywhere<F: Fleet>(fleet: &F, revision: u64, address: &str) -> Result<(), String> {
     let deadline = Instant::now() + NODE_WAIT;
     loop {
-        let nodes = shared.nodes();
+        let nodes = fleet.nodes();
         let mut wanted: std::collections::BTreeSet<String> = nodes.keys().cloned().collect();
-        wanted.extend(shared.snapshot().instances.iter().filter(|i| !i.node.is_empty()).map(|i| i.node.clone()));
+        wanted.extend(fleet.snapshot().instances.iter().filter(|i| !i.node.is_empty()).map(|i| i.node.clone()));
         let behind: Vec<String> = wanted
             .into_iter()
             .filter(|n| !nodes.get(n).is_some_and(|x| x.connected && x.applied >= revision))
@@ -487,9 +486,9 @@ async fn applied_everywhere(shared: &Shared, revision: u64, address: &str) -> Re
 /// protocol and policy the architecture names (TCP and steer when it names none); an
 /// existing one keeps what the registry holds (`registry apply` may have set it) unless
 /// the architecture names another.
-fn ensure_services(shared: &Shared, arch: &Architecture) -> Result<(), String> {
+fn ensure_services<F: Fleet>(fleet: &F, arch: &Architecture) -> Result<(), String> {
     for s in &arch.services {
-        shared
+        fleet
             .mutate(|st| {
                 let held = st.service(&s.name);
                 let svc = pb::Service {
@@ -514,8 +513,8 @@ fn ensure_services(shared: &Shared, arch: &Architecture) -> Result<(), String> {
     Ok(())
 }
 
-async fn execute(
-    shared: &Shared,
+async fn execute<F: Fleet>(
+    fleet: &F,
     r: &Rollout,
     service: &str,
     svc: Option<&hitless_model::Service>,
@@ -526,17 +525,17 @@ async fn execute(
     let node_of: BTreeMap<&str, &str> =
         observed.iter().filter(|o| o.service == service).map(|o| (o.address.as_str(), o.node.as_str())).collect();
     if ops.start_first {
-        start(shared, r, service, svc, ops, observed).await?;
-        weights(shared, service, ops)?;
+        start(fleet, r, service, svc, ops, observed).await?;
+        weights(fleet, service, ops)?;
         for a in &ops.stop {
-            reports.push(stop(shared, service, a, node_of.get(a.as_str()).copied(), svc).await?);
+            reports.push(stop(fleet, service, a, node_of.get(a.as_str()).copied(), svc).await?);
         }
     } else {
         for a in &ops.stop {
-            reports.push(stop(shared, service, a, node_of.get(a.as_str()).copied(), svc).await?);
+            reports.push(stop(fleet, service, a, node_of.get(a.as_str()).copied(), svc).await?);
         }
-        start(shared, r, service, svc, ops, observed).await?;
-        weights(shared, service, ops)?;
+        start(fleet, r, service, svc, ops, observed).await?;
+        weights(fleet, service, ops)?;
     }
     Ok(reports)
 }
@@ -544,12 +543,12 @@ async fn execute(
 /// Every weight of the step in one registry change: agents swap the whole slot table at
 /// once, so traffic never passes through a moment where the old weights are down and
 /// the new ones not yet up (blue-green's switch, weighted's shares).
-fn weights(shared: &Shared, service: &str, ops: &ServiceOps) -> Result<(), String> {
+fn weights<F: Fleet>(fleet: &F, service: &str, ops: &ServiceOps) -> Result<(), String> {
     crate::failpoint!("coordinator.engine.weights.before", |fp| format!("injected by failpoint {fp}"));
     if ops.weights.is_empty() {
         return Ok(());
     }
-    shared
+    fleet
         .mutate(|s| {
             let mut all = crate::registry::Changes::default();
             for (address, w) in &ops.weights {
@@ -590,16 +589,16 @@ fn spec(svc: &hitless_model::Service, version: &str) -> pb::InstanceSpec {
 
 /// Starts the step's new instances everywhere at once and waits until each is healthy
 /// and registered; waits for the ones an interrupted step left starting.
-async fn start(
-    shared: &Shared,
+async fn start<F: Fleet>(
+    fleet: &F,
     r: &Rollout,
     service: &str,
     svc: Option<&hitless_model::Service>,
     ops: &ServiceOps,
     observed: &[Observed],
 ) -> Result<(), StepError> {
-    let mut reports = shared.reports.subscribe();
-    let sessions = sessions(shared);
+    let mut reports = fleet.reports();
+    let sessions = sessions(fleet);
     let mut pending: BTreeMap<String, String> = BTreeMap::new(); // op id -> node
     for (i, (version, node, _weight)) in ops.start.iter().enumerate() {
         let Some(svc) = svc else { break };
@@ -607,9 +606,9 @@ async fn start(
         let msg = Msg::Start(pb::StartInstance {
             op_id: op_id.clone(),
             spec: Some(spec(svc, version)),
-            health_timeout_ms: shared.health_timeout.as_millis() as u64,
+            health_timeout_ms: fleet.health_timeout().as_millis() as u64,
         });
-        shared.send_op(node, msg).map_err(|e| reconnecting(shared, node, e))?;
+        fleet.send_op(node, msg).map_err(|e| reconnecting(fleet, node, e))?;
         pending.insert(op_id, node.clone());
     }
     // Start operations sent; no report waited for yet.
@@ -626,11 +625,11 @@ async fn start(
         .filter(|o| o.service == service && ops.await_healthy.contains(&o.address))
         .map(|o| (o.address.clone(), o.node.clone()))
         .collect();
-    let health_timeout = shared.health_timeout;
+    let health_timeout = fleet.health_timeout();
     let mut deadline = Instant::now() + health_timeout + Duration::from_secs(5);
     let mut resynced = false;
     // Some may be healthy already and only need registering.
-    let running = shared.running();
+    let running = fleet.running();
     let healthy: Vec<&Observed> = observed
         .iter()
         .filter(|o| o.service == service && awaiting.contains_key(&o.address))
@@ -642,7 +641,7 @@ async fn start(
         })
         .collect();
     for o in healthy {
-        register(shared, service, &o.address, &o.version, &o.node, o.weight)?;
+        register(fleet, service, &o.address, &o.version, &o.node, o.weight)?;
         awaiting.remove(&o.address);
     }
     while !pending.is_empty() || !awaiting.is_empty() {
@@ -655,7 +654,7 @@ async fn start(
             let owing: std::collections::BTreeSet<&String> = pending.values().chain(awaiting.values()).collect();
             let mut asked = false;
             for n in owing.into_iter().filter(|_| !resynced) {
-                asked |= shared.resync(n);
+                asked |= fleet.resync(n);
             }
             if !asked {
                 return Err(format!("instances of {service} did not report healthy within {health_timeout:?}").into());
@@ -669,7 +668,7 @@ async fn start(
             Ok(Err(RecvError::Lagged(_))) => continue,
             Err(_) => {
                 let nodes = pending.values().chain(awaiting.values()).map(String::as_str);
-                same_sessions(shared, &sessions, nodes, "starting instances")?;
+                same_sessions(fleet, &sessions, nodes, "starting instances")?;
                 continue;
             }
             Ok(Err(RecvError::Closed)) => {
@@ -685,7 +684,7 @@ async fn start(
             pb::InstancePhase::Serving => {
                 // Healthy on its node, not registered yet.
                 crate::failpoint!("coordinator.engine.start.before_register", |fp| injected(fp));
-                register(shared, service, &rep.address, &rep.version, &node, weight_of(&rep.version, &node))?;
+                register(fleet, service, &rep.address, &rep.version, &node, weight_of(&rep.version, &node))?;
                 pending.remove(&rep.op_id);
                 awaiting.remove(&rep.address);
             }
@@ -717,16 +716,16 @@ async fn start(
 /// An operation that could not be sent to `node`: the step is interrupted when the node
 /// has had an agent (it is reconnecting: observe again once it is back), and fails when
 /// it never had one.
-fn reconnecting(shared: &Shared, node: &str, e: String) -> StepError {
-    if shared.nodes().contains_key(node) {
+fn reconnecting<F: Fleet>(fleet: &F, node: &str, e: String) -> StepError {
+    if fleet.nodes().contains_key(node) {
         StepError::Interrupted(e)
     } else {
         StepError::Failed(e)
     }
 }
 
-fn register(
-    shared: &Shared,
+fn register<F: Fleet>(
+    fleet: &F,
     service: &str,
     address: &str,
     version: &str,
@@ -742,13 +741,13 @@ fn register(
         node: node.to_owned(),
         ttl_ms: 0,
     };
-    shared.mutate(|s| s.register(&inst)).map(|_| ()).map_err(|e| e.message().to_owned())
+    fleet.mutate(|s| s.register(&inst)).map(|_| ()).map_err(|e| e.message().to_owned())
 }
 
 /// Drains an instance on every node (barrier), has its agent stop it (connections, then
 /// signals), and marks it down (removed after the tombstone time).
-async fn stop(
-    shared: &Shared,
+async fn stop<F: Fleet>(
+    fleet: &F,
     service: &str,
     address: &str,
     node: Option<&str>,
@@ -759,8 +758,9 @@ async fn stop(
     let deadline = svc.and_then(|s| s.drain_deadline).map_or(DEFAULT_DRAIN_DEADLINE, |d| d.to_std());
     let mut handshakes = None;
     crate::failpoint!("coordinator.engine.stop.before_barrier", |fp| injected(fp));
-    if shared.instance(&key).is_some() {
-        let d = barrier(shared, key.clone(), pb::InstanceState::Draining, Duration::from_secs(10))
+    if fleet.instance(&key).is_some() {
+        let d = fleet
+            .barrier(key.clone(), pb::InstanceState::Draining, Duration::from_secs(10))
             .await
             .map_err(|e| e.message().to_owned())?;
         if !d.complete {
@@ -768,19 +768,19 @@ async fn stop(
                 d.nodes.iter().filter(|n| n.connected && !n.acked).map(|n| n.node.clone()).collect();
             return Err(format!("drain of {address} ({service}) not acknowledged by {}", late.join(", ")).into());
         }
-        applied_everywhere(shared, d.revision, address).await?;
-        handshakes = Some(super::handshakes::quiet_everywhere(shared, d.revision, address, deadline).await);
+        applied_everywhere(fleet, d.revision, address).await?;
+        handshakes = Some(super::handshakes::quiet_everywhere(fleet, d.revision, address, deadline).await);
     }
     // Drained on every node; the stop not sent yet.
     crate::failpoint!("coordinator.engine.stop.after_barrier", |fp| injected(fp));
     if let Some(node) = node {
-        let mut reports = shared.reports.subscribe();
-        let sessions = sessions(shared);
+        let mut reports = fleet.reports();
+        let sessions = sessions(fleet);
         // Unique per stop of an address (the registry revision only grows, also across
         // coordinator restarts): a late report of an earlier stop of a reused address
         // names another operation. A retried stop at the same revision is the same stop.
-        let op_id = format!("stop-{service}-{address}-r{}", shared.revision());
-        shared
+        let op_id = format!("stop-{service}-{address}-r{}", fleet.revision());
+        fleet
             .send_op(
                 node,
                 Msg::Stop(pb::StopInstance {
@@ -789,7 +789,7 @@ async fn stop(
                     address: address.to_owned(),
                 }),
             )
-            .map_err(|e| reconnecting(shared, node, e))?;
+            .map_err(|e| reconnecting(fleet, node, e))?;
         // The stop is on its way to the agent; its report not waited for yet.
         crate::failpoint!("coordinator.engine.stop.after_send", |fp| injected(fp));
         let until = Instant::now() + deadline + GRACE + Duration::from_secs(10);
@@ -821,7 +821,7 @@ async fn stop(
                     _ => {}
                 },
                 Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
-                Err(_) => same_sessions(shared, &sessions, std::iter::once(node), "stopping an instance")?,
+                Err(_) => same_sessions(fleet, &sessions, std::iter::once(node), "stopping an instance")?,
                 Ok(Err(RecvError::Closed)) => {
                     return Err(format!("instance {address} of {service} on node {node} did not stop in time").into())
                 }
@@ -830,10 +830,10 @@ async fn stop(
     }
     // Stopped; still registered as draining.
     crate::failpoint!("coordinator.engine.stop.before_bury", |fp| injected(fp));
-    if shared.instance(&key).is_some() {
+    if fleet.instance(&key).is_some() {
         // Not deregistered yet: kept down, so that a client whose cache still lists the
         // address is steered to a sibling rather than refused.
-        shared.bury(&key).map_err(|e| e.message().to_owned())?;
+        fleet.bury(&key).map_err(|e| e.message().to_owned())?;
     }
     Ok(detail)
 }

@@ -10,6 +10,8 @@
 //! still waits for a node whose agent is away and still reaps what it buried.
 //! Locks are taken in the order nodes, inner, tombstones.
 
+mod fleet_port;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,6 +21,7 @@ use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tonic::Status;
 use tracing::{info, warn};
 
+pub use crate::engine::fleet::{NodeInfo, VersionTotals};
 use crate::engine::record::Rollout;
 use crate::registry::{Changes, Key, RegistryError, RegistryState};
 use crate::store::Store;
@@ -35,25 +38,6 @@ pub struct AckEvent {
     pub revision: u64,
     /// When the ack arrived.
     pub at: Instant,
-}
-
-/// What the coordinator knows of one node's agent.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    /// Id of the session in force (a reconnecting agent gets a new one).
-    pub session: u64,
-    /// A session is open.
-    pub connected: bool,
-    /// Revision its maps hold, as last acknowledged.
-    pub applied: u64,
-    /// Last message from it (wall clock: it is stored, and survives a restart).
-    pub last_contact: SystemTime,
-    /// The latest revision whose list of handshakes in flight is settled (see
-    /// `settled` in the `Ack` message); 0 before any.
-    pub settled: u64,
-    /// Connects from this node still in their handshake, by backend address, to
-    /// backends that are draining or down, as of its latest ack.
-    pub in_flight: BTreeMap<String, u64>,
 }
 
 struct Inner {
@@ -102,9 +86,6 @@ pub struct Shared {
     /// Each node's latest per-backend totals: node -> (service, address) -> counters.
     counters: Mutex<BTreeMap<String, BTreeMap<Key, pb::BackendCounters>>>,
 }
-
-/// Totals of one version of a service over every node: (connects, failed, resets).
-pub type VersionTotals = BTreeMap<(String, String), (u64, u64, u64)>;
 
 /// How long a stopped instance stays in the registry as `down`, unless the coordinator
 /// is told otherwise (`--tombstone`): clients whose registry cache still lists it (caches
