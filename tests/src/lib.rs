@@ -145,6 +145,12 @@ pub struct Summary {
     pub peers: std::collections::BTreeMap<String, u64>,
     /// Slowest failure in ms.
     pub max_fail_ms: u64,
+    /// Connects that timed out, by where their SYN went and that listener's queue.
+    #[serde(default)]
+    pub timed_out: std::collections::BTreeMap<String, u64>,
+    /// Connects that needed a SYN retransmission (a full accept queue), by peer.
+    #[serde(default)]
+    pub slow_connects: std::collections::BTreeMap<String, u64>,
 }
 
 impl Summary {
@@ -412,7 +418,14 @@ impl Drop for Node {
             .arg(&self.pin_dir)
             .stdout(Stdio::null())
             .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // HITLESS_KEEP_LOGS keeps the node's directory (agent log, instance logs) under
+        // the temp dir as hitless-kept-NODE, as it keeps the coordinator's log.
+        let kept = std::env::var_os("HITLESS_KEEP_LOGS").is_some_and(|_| {
+            std::fs::rename(&self.dir, std::env::temp_dir().join(format!("hitless-kept-{}", self.name))).is_ok()
+        });
+        if !kept {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -100,22 +100,50 @@ struct Summary {
     peers: BTreeMap<String, u64>,
     /// Slowest failure, in milliseconds: a refusal must be immediate, not a timeout.
     max_fail_ms: u64,
+    /// Connects that timed out, by where their SYN went (the address the kernel's socket
+    /// held once the datapath had chosen, read from /proc/net/tcp) and that address's
+    /// listen queue: who dropped the SYNs.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    timed_out: BTreeMap<String, u64>,
+    /// Connects that succeeded after a SYN retransmission, by peer: a full accept queue
+    /// dropped the first SYN (load, not a failure).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    slow_connects: BTreeMap<String, u64>,
 }
 
 impl Summary {
     fn fail(&mut self, e: &std::io::Error, started: Instant) {
         self.failed += 1;
+        if let Some(to) = e.get_ref().and_then(|inner| inner.downcast_ref::<TimedOutTo>()) {
+            *self.timed_out.entry(to.0.clone()).or_default() += 1;
+        }
         *self.errors.entry(format!("{:?}", e.kind())).or_default() += 1;
         self.max_fail_ms = self.max_fail_ms.max(started.elapsed().as_millis() as u64);
     }
-    fn hit(&mut self, backend: String, peer: SocketAddr) {
+    fn hit(&mut self, backend: String, peer: SocketAddr, connect: Duration) {
+        if connect >= RETRANSMITTED {
+            *self.slow_connects.entry(peer.to_string()).or_default() += 1;
+        }
         self.ok += 1;
         *self.backends.entry(backend).or_default() += 1;
         *self.peers.entry(peer.to_string()).or_default() += 1;
     }
 }
 
+/// A datagram's answer, and a benchmark's connect.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// A TCP client as patient as TCP: longer than the kernel's first three SYN
+/// retransmissions (1, 3 and 7 s after the SYN), for the connect and then for the answer.
+/// The instances the soak and the real-client suite start have a backlog of 5, so load
+/// overflows their accept queues and SYNs to serving instances are dropped and sent again;
+/// a client that gave up after 2 s failed a connect the kernel went on to establish (seen
+/// in the soak: the timed-out socket was ESTABLISHED with a serving instance when read
+/// back). A refusal or a reset, which is what a connect steered to a stopped instance
+/// gets on loopback, still fails at once. Connects that needed a retransmission are
+/// counted apart (`slow_connects`).
+const PATIENCE: Duration = Duration::from_secs(8);
+/// A connect slower than this needed a SYN retransmission (the first comes after 1 s).
+const RETRANSMITTED: Duration = Duration::from_millis(900);
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
@@ -166,8 +194,9 @@ fn main() -> anyhow::Result<()> {
 fn tcp_once(addr: SocketAddr, s: &mut Summary) {
     let started = Instant::now();
     let result = (|| {
-        let mut c = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        c.set_read_timeout(Some(TIMEOUT))?;
+        let mut c = connect(addr)?;
+        let connected = started.elapsed();
+        c.set_read_timeout(Some(PATIENCE))?;
         let peer = c.peer_addr()?;
         let mut line = String::new();
         BufReader::new(&mut c).read_line(&mut line)?;
@@ -176,10 +205,10 @@ fn tcp_once(addr: SocketAddr, s: &mut Summary) {
         }
         // Abortive close: no TIME_WAIT pile-up across thousands of connects.
         set_linger_zero(&c);
-        Ok((line.trim().to_owned(), peer))
+        Ok((line.trim().to_owned(), peer, connected))
     })();
     match result {
-        Ok((backend, peer)) => s.hit(backend, peer),
+        Ok((backend, peer, connected)) => s.hit(backend, peer, connected),
         Err(e) => s.fail(&e, started),
     }
 }
@@ -196,7 +225,7 @@ fn udp_once(addr: SocketAddr, s: &mut Summary) {
         Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
     })();
     match result {
-        Ok((backend, peer)) => s.hit(backend, peer),
+        Ok((backend, peer)) => s.hit(backend, peer, Duration::ZERO),
         Err(e) => s.fail(&e, started),
     }
 }
@@ -298,8 +327,8 @@ fn hold(addr: SocketAddr, count: u32, http: bool) -> anyhow::Result<()> {
     let mut conns = Vec::new();
     let mut sum = HoldSummary::default();
     for _ in 0..count {
-        let mut c = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        c.set_read_timeout(Some(TIMEOUT))?;
+        let mut c = connect(addr)?;
+        c.set_read_timeout(Some(PATIENCE))?;
         let mut r = BufReader::new(c.try_clone()?);
         let who = if http {
             http_get(&mut c, &mut r)?
@@ -381,8 +410,9 @@ fn pin_cpu(cpu: Option<usize>) {
 fn http_once(addr: SocketAddr, s: &mut Summary) {
     let started = Instant::now();
     let result = (|| {
-        let mut c = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        c.set_read_timeout(Some(TIMEOUT))?;
+        let mut c = connect(addr)?;
+        let connected = started.elapsed();
+        c.set_read_timeout(Some(PATIENCE))?;
         let peer = c.peer_addr()?;
         c.write_all(b"GET / HTTP/1.1\r\nHost: hitless\r\nConnection: close\r\n\r\n")?;
         let mut text = String::new();
@@ -393,10 +423,79 @@ fn http_once(addr: SocketAddr, s: &mut Summary) {
             return Err(std::io::Error::other(format!("bad response {first:?}")));
         }
         let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
-        Ok((body, peer))
+        Ok((body, peer, connected))
     })();
     match result {
-        Ok((body, peer)) => s.hit(body, peer),
+        Ok((body, peer, connected)) => s.hit(body, peer, connected),
         Err(e) => s.fail(&e, started),
+    }
+}
+
+/// Where a connect that timed out had sent its SYN, and what the kernel knew of that
+/// address's listener at the time: "dest (state; listener: ...)".
+#[derive(Debug)]
+struct TimedOutTo(String);
+
+impl std::fmt::Display for TimedOutTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connect timed out; SYN sent to {}", self.0)
+    }
+}
+
+impl std::error::Error for TimedOutTo {}
+
+/// `TcpStream::connect_timeout`, keeping the socket when the connect times out so that
+/// the error can say where the datapath sent the SYN (a connect to a VIP or to a stale
+/// address is rewritten inside connect(); only the socket knows the destination).
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    match sock.connect_timeout(&addr.into(), PATIENCE) {
+        Ok(()) => Ok(sock.into()),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+            let seen = local.and_then(syn_destination).unwrap_or_else(|| format!("? (local {local:?})"));
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, TimedOutTo(seen)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The remote address and state of the socket bound to `local` in /proc/net/tcp[6], and
+/// the listen queue (current/max) of the listener at that remote address.
+fn syn_destination(local: SocketAddr) -> Option<String> {
+    let table = if local.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    let text = std::fs::read_to_string(table).ok()?;
+    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    let mine = rows.iter().find(|r| r.get(1).and_then(|a| proc_addr(a)) == Some(local))?;
+    let remote = proc_addr(mine.get(2)?)?;
+    // A listener's row: state 0A, rx_queue = its accept queue, the max is not shown
+    // (ss shows it); the queue length is what tells a full backlog.
+    let listener = rows
+        .iter()
+        .find(|r| r.get(3) == Some(&"0A") && r.get(1).and_then(|a| proc_addr(a)).is_some_and(|a| a == remote))
+        .map_or_else(
+            || "no listener".to_owned(),
+            |r| {
+                let rx = r.get(4).and_then(|q| q.split(':').nth(1)).and_then(|h| u64::from_str_radix(h, 16).ok());
+                format!("listener accept queue {}", rx.map_or("?".to_owned(), |n| n.to_string()))
+            },
+        );
+    Some(format!("{remote} (state {}; {listener})", mine.get(3).copied().unwrap_or("?")))
+}
+
+/// Parses /proc/net/tcp's "0100007F:1F90" (IPv4, host-order hex words) or the IPv6 form.
+fn proc_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> =
+        (0..ip.len() / 8).map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16)).collect::<Result<_, _>>().ok()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    match bytes.len() {
+        4 => Some(SocketAddr::from(([bytes[0], bytes[1], bytes[2], bytes[3]], port))),
+        16 => {
+            let b: [u8; 16] = bytes.try_into().ok()?;
+            Some(SocketAddr::from((std::net::Ipv6Addr::from(b), port)))
+        }
+        _ => None,
     }
 }

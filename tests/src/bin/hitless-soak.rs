@@ -135,6 +135,7 @@ fn soak(rollouts: u32, kills: u32, seed: u64, t: &mut Tally) {
         let stop = rig.dir.join("stop");
         let loops = rig.load(&stop);
         let mark = gw.log_mark();
+        let queues = listen_drops();
         let wrk = Wrk::start(&gw.url(), MAX_LOAD_SECS);
         std::thread::sleep(Duration::from_millis(300));
         rig.push_async(&version, strategy);
@@ -220,8 +221,10 @@ fn soak(rollouts: u32, kills: u32, seed: u64, t: &mut Tally) {
                 t.invariant += 1;
             }
         }
+        let dropped = listen_drops().saturating_sub(queues);
+        let slow: u64 = probes.iter().flat_map(|p| p.slow_connects.values()).sum();
         println!(
-            "{what}: {}; wrk {} requests at {:.0}/s, {} failed; probes {} failed; nginx {} errors",
+            "{what}: {}; wrk {} requests at {:.0}/s, {} failed; probes {} failed, {slow} connects after a SYN retransmission; nginx {} errors; {dropped} SYNs dropped by full accept queues",
             r["state"],
             wrk.requests,
             wrk.rate(),
@@ -297,4 +300,19 @@ fn kill_one_booting(rig: &Rig, rng: &mut Rng) -> Option<String> {
     let pid: libc::pid_t = pid.parse().ok()?;
     // SAFETY: kill(2) on a pid just listed as an instance of this soak's pool.
     (unsafe { libc::kill(pid, libc::SIGKILL) } == 0).then(|| addr.clone())
+}
+
+/// The kernel's count of SYNs dropped because a listener's accept queue was full
+/// (TcpExt ListenOverflows in /proc/net/netstat): instances this soak starts have a
+/// backlog of 5, so load overflows them, and a client's SYN waits for its retransmission.
+fn listen_drops() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
