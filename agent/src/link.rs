@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hitless_proto::v1::{self as pb, agent_link_client::AgentLinkClient, agent_message, coordinator_message};
+use hitless_tls::client::Transport;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
@@ -217,10 +218,11 @@ fn look_at_outliers(
 
 /// Runs sessions forever, redialling with backoff; the maps keep the last state in
 /// between (fail static).
-pub async fn run(url: String, node: String, mut writer: Writer, site: Site) -> ! {
+pub async fn run(url: String, transport: Transport, node: String, mut writer: Writer, site: Site) -> ! {
     let mut backoff = MIN_BACKOFF;
+    let to = (url.as_str(), &transport);
     loop {
-        let e = session(&url, &node, &mut writer, &site, &mut backoff).await;
+        let e = session(to, &node, &mut writer, &site, &mut backoff).await;
         site.metrics.error();
         let held = writer.maps().revision().unwrap_or(0);
         warn!(%node, error = %e, revision = held, retry_ms = backoff.as_millis() as u64, "no coordinator session; steering with the state in force");
@@ -230,27 +232,38 @@ pub async fn run(url: String, node: String, mut writer: Writer, site: Site) -> !
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest wait for the coordinator's connection (TCP and TLS).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// One session: hello, then apply-and-ack until the stream ends (always with an error).
-async fn session(url: &str, node: &str, writer: &mut Writer, site: &Site, backoff: &mut Duration) -> LinkError {
-    match session_inner(url, node, writer, site, backoff).await {
+async fn session(
+    to: (&str, &Transport),
+    node: &str,
+    writer: &mut Writer,
+    site: &Site,
+    backoff: &mut Duration,
+) -> LinkError {
+    match session_inner(to, node, writer, site, backoff).await {
         Ok(never) => match never {},
         Err(e) => e,
     }
 }
 
 async fn session_inner(
-    url: &str,
+    (url, transport): (&str, &Transport),
     node: &str,
     writer: &mut Writer,
     site: &Site,
     backoff: &mut Duration,
 ) -> Result<std::convert::Infallible, LinkError> {
     crate::failpoint!("agent.link.connect", |fp| injected(fp));
-    let mut client = AgentLinkClient::connect(url.to_owned())
-        .await
-        .map_err(|source| LinkError::Connect { url: url.to_owned(), source })?;
+    let connect = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?.connect_timeout(CONNECT_TIMEOUT);
+        transport.connect(endpoint).await
+    };
+    let mut client =
+        AgentLinkClient::new(connect.await.map_err(|source| LinkError::Connect { url: url.to_owned(), source })?);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::Hello {
         node: node.to_owned(),

@@ -13,6 +13,7 @@ use hitless_agent::loader::{self, Capacities};
 use hitless_agent::outlier::Outliers;
 use hitless_agent::writer::{Maps, Writer};
 use hitless_agent::{caps, cgroup, link, local_api, static_mode};
+use hitless_tls::client::Transport;
 use std::sync::Arc;
 
 /// The hitless node agent: steers and drains connections inside connect().
@@ -81,9 +82,19 @@ struct RunArgs {
     /// Static mode: the registry file to steer by (applied on every change).
     #[arg(long, value_name = "FILE", conflicts_with = "coordinator")]
     registry_file: Option<PathBuf>,
-    /// Coordinator mode: the coordinator's URL (http://HOST:PORT); the agent dials out.
+    /// Coordinator mode: the coordinator's URL (https://HOST:PORT with --tls-dir,
+    /// http://127.0.0.1:PORT with --insecure); the agent dials out.
     #[arg(long, value_name = "URL")]
     coordinator: Option<String>,
+    /// Coordinator mode: mutual TLS with DIR/ca.pem and this node's certificate,
+    /// DIR/node-NODE.pem and DIR/node-NODE-key.pem (`hitless certs issue --node NODE`),
+    /// reloaded when they change. The coordinator takes the node's name from it.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Coordinator mode: plaintext gRPC instead of mutual TLS, to a coordinator on a
+    /// loopback address only (development, tests, the demo).
+    #[arg(long, conflicts_with = "tls_dir")]
+    insecure: bool,
     /// Cgroup v2 directory to attach to (default: the cgroup v2 root, found in /proc/mounts).
     #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
@@ -267,7 +278,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let source = match (&args.registry_file, &args.coordinator) {
         (Some(file), None) => Source::File(file.clone(), static_mode::read(file)?),
-        (None, Some(url)) => Source::Coordinator(coordinator_url(url)?),
+        (None, Some(url)) => Source::Coordinator(coordinator_url(url)?, link_transport(&args, node, url)?),
         _ => return Err(BadInput("give --registry-file FILE (static mode) or --coordinator URL".into()).into()),
     };
     if let (Some(path), Source::File(..)) = (&args.local_api, &source) {
@@ -338,7 +349,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             let poll = Duration::from_millis(args.poll_ms.max(1));
             static_mode::watch(&file, &mut writer, poll, &metrics, node, reg, &mut outliers)
         }
-        Source::Coordinator(url) => {
+        Source::Coordinator(url, transport) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let driver = match (&args.workload_cgroup, &args.instance_addresses) {
                 (Some(cg), Some(pool)) => {
@@ -370,7 +381,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Some((listener, cfg)) = local {
                     tokio::spawn(local_api::serve(listener, cfg));
                 }
-                link::run(url, node.to_owned(), writer, site).await
+                link::run(url, transport, node.to_owned(), writer, site).await
             })
         }
     }
@@ -378,7 +389,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 enum Source {
     File(PathBuf, hitless_agent::registry::Registry),
-    Coordinator(String),
+    Coordinator(String, Transport),
+}
+
+/// How the agent reaches the coordinator: mutual TLS with its node's certificate, or
+/// plaintext to loopback with --insecure; one of the two, and the URL to match.
+fn link_transport(args: &RunArgs, node: &str, url: &str) -> anyhow::Result<Transport> {
+    let transport = match (&args.tls_dir, args.insecure) {
+        (Some(dir), _) => Transport::Tls(
+            hitless_tls::ClientTls::load(dir, &format!("node-{node}")).map_err(|e| BadInput(format!("--tls-dir: {e}")))?,
+        ),
+        (None, true) => Transport::Insecure,
+        (None, false) => {
+            return Err(BadInput(format!(
+                "--coordinator {url}: the coordinator speaks mutual TLS: give --tls-dir DIR with ca.pem and node-{node}.pem (`hitless certs issue --node {node}`), or --insecure for plaintext to a coordinator on loopback"
+            ))
+            .into())
+        }
+    };
+    transport.check_url(url, "--coordinator").map_err(|e| BadInput(e.to_string()))?;
+    Ok(transport)
 }
 
 fn coordinator_url(url: &str) -> anyhow::Result<String> {
@@ -386,6 +416,6 @@ fn coordinator_url(url: &str) -> anyhow::Result<String> {
     if ok {
         Ok(url.to_owned())
     } else {
-        Err(BadInput(format!("--coordinator {url:?}: give a URL such as http://127.0.0.1:7070")).into())
+        Err(BadInput(format!("--coordinator {url:?}: give a URL such as https://coordinator:7070")).into())
     }
 }

@@ -10,6 +10,7 @@ use hitless_coordinator::planner::{self, PlanError};
 use hitless_coordinator::Target;
 use hitless_model::{Architecture, Cluster};
 
+mod certs;
 mod demo;
 mod remote;
 mod render;
@@ -18,9 +19,22 @@ mod render;
 #[derive(Parser)]
 #[command(name = "hitless", version)]
 struct Cli {
-    /// Address of the coordinator (for the commands that talk to one).
+    /// Address of the coordinator (for the commands that talk to one): https://HOST:PORT
+    /// with --tls-dir [default: https://127.0.0.1:7070], http://127.0.0.1:PORT with --insecure.
     #[arg(long, global = true, value_name = "URL")]
     coordinator: Option<String>,
+    /// Mutual TLS: the directory with ca.pem and the certificates (`hitless certs`);
+    /// the coordinator serves coordinator.pem, the other commands present --identity's.
+    #[arg(long, global = true, value_name = "DIR", env = "HITLESS_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The certificate the commands present, as its file stem in --tls-dir:
+    /// operator-NAME for DIR/operator-NAME.pem and DIR/operator-NAME-key.pem.
+    #[arg(long, global = true, value_name = "operator-NAME", env = "HITLESS_IDENTITY")]
+    identity: Option<String>,
+    /// Plaintext gRPC instead of mutual TLS: anyone who can reach the port may do
+    /// anything. Allowed on loopback addresses only (development, tests, the demo).
+    #[arg(long, global = true)]
+    insecure: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,6 +43,9 @@ struct Cli {
 enum Command {
     /// Preview a rollout: every step from the current architecture to the target, touching nothing.
     Plan(PlanArgs),
+    /// Create a CA and issue certificates for the coordinator, agents and operators.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Run the coordinator server (registry, agent sessions, drain barriers).
     Coordinator(remote::ServeArgs),
     /// Show the registry revision and every node's agent: applied revision, lag, last contact.
@@ -110,21 +127,28 @@ impl From<BadInput> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let url = cli.coordinator.as_deref().unwrap_or(remote::DEFAULT_URL);
+    let flags = remote::ConnectFlags {
+        url: cli.coordinator.as_deref(),
+        tls_dir: cli.tls_dir.as_deref(),
+        identity: cli.identity.as_deref(),
+        insecure: cli.insecure,
+    };
+    let to = || remote::Target::from_flags(&flags).map_err(Failure::from);
     let result = match cli.command {
         Command::Plan(args) => plan(&args),
-        Command::Coordinator(args) => remote::serve(&args).map_err(Failure::from),
-        Command::Status(args) => remote::status(url, &args).map_err(Failure::from),
-        Command::Drain(args) => remote::drain(url, &args, false).map_err(Failure::from),
-        Command::Undrain(args) => remote::drain(url, &args, true).map_err(Failure::from),
-        Command::Registry(cmd) => remote::registry(url, &cmd).map_err(Failure::from),
-        Command::Node(cmd) => remote::node(url, &cmd).map_err(Failure::from),
-        Command::Push(args) => remote::push(url, &args).map_err(Failure::from),
-        Command::Pause => remote::control(url, "pause").map_err(Failure::from),
-        Command::Resume => remote::control(url, "resume").map_err(Failure::from),
-        Command::Promote => remote::control(url, "promote").map_err(Failure::from),
-        Command::Abort => remote::control(url, "abort").map_err(Failure::from),
-        Command::Pull => remote::pull(url).map_err(Failure::from),
+        Command::Certs(cmd) => certs::run(&cmd).map_err(Failure::from),
+        Command::Coordinator(args) => remote::serve(&args, flags.tls_dir, flags.insecure).map_err(Failure::from),
+        Command::Status(args) => to().and_then(|to| remote::status(&to, &args).map_err(Failure::from)),
+        Command::Drain(args) => to().and_then(|to| remote::drain(&to, &args, false).map_err(Failure::from)),
+        Command::Undrain(args) => to().and_then(|to| remote::drain(&to, &args, true).map_err(Failure::from)),
+        Command::Registry(cmd) => to().and_then(|to| remote::registry(&to, &cmd).map_err(Failure::from)),
+        Command::Node(cmd) => to().and_then(|to| remote::node(&to, &cmd).map_err(Failure::from)),
+        Command::Push(args) => to().and_then(|to| remote::push(&to, &args).map_err(Failure::from)),
+        Command::Pause => to().and_then(|to| remote::control(&to, "pause").map_err(Failure::from)),
+        Command::Resume => to().and_then(|to| remote::control(&to, "resume").map_err(Failure::from)),
+        Command::Promote => to().and_then(|to| remote::control(&to, "promote").map_err(Failure::from)),
+        Command::Abort => to().and_then(|to| remote::control(&to, "abort").map_err(Failure::from)),
+        Command::Pull => to().and_then(|to| remote::pull(&to).map_err(Failure::from)),
         Command::Demo(args) => match demo::run(args) {
             Ok(true) => Ok(()),
             Ok(false) => Err(Failure::Failed(anyhow::anyhow!("the hitless way lost requests (see the table)"))),

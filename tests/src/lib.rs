@@ -333,6 +333,10 @@ impl Node {
         let mut cmd = Command::new(bin("hitless-agent"));
         cmd.arg("--node").arg(&self.name);
         match &self.coordinator {
+            // Plaintext to a loopback coordinator (--insecure): tests/tests/security.rs
+            // runs the same processes with mutual TLS.
+            Some(url) if url.starts_with("http://") => cmd.arg("--insecure").arg("--coordinator").arg(url),
+            // https://: the test gives --tls-dir with agent_args.
             Some(url) => cmd.arg("--coordinator").arg(url),
             None => cmd.arg("--registry-file").arg(self.registry()),
         };
@@ -456,6 +460,17 @@ impl Coordinator {
         c
     }
 
+    /// Like [`Coordinator::start`] with mutual TLS from `tls_dir` (`hitless certs`);
+    /// its URL is `https://ADDR`.
+    pub fn start_tls(name: &str, listen: &str, tls_dir: &Path) -> Self {
+        let data_dir = std::env::temp_dir().join(format!("hitless-coord-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let extra = vec!["--tls-dir".to_owned(), tls_dir.display().to_string()];
+        let mut c = Self { url: format!("https://{listen}"), listen: listen.to_owned(), extra, data_dir, proc: None };
+        c.restart();
+        c
+    }
+
     /// Starts it again on the same address and data dir (after [`Coordinator::kill`]).
     pub fn restart(&mut self) {
         let log = std::fs::OpenOptions::new()
@@ -464,10 +479,15 @@ impl Coordinator {
             .open(std::env::temp_dir().join(format!("{}.log", self.data_dir.display())))
             .expect("log");
         let mut cmd = Command::new(bin("hitless"));
+        // Plaintext on a loopback address (--insecure); tests/tests/security.rs runs it
+        // with mutual TLS.
         cmd.args(["coordinator", "--listen", &self.listen, "--health-timeout", "5s", "--data-dir"])
             .arg(&self.data_dir)
             .args(&self.extra)
             .stderr(log);
+        if self.url.starts_with("http://") {
+            cmd.arg("--insecure");
+        }
         self.proc = Some(spawn_line(cmd, "listening on"));
     }
 
@@ -478,9 +498,14 @@ impl Coordinator {
         }
     }
 
-    /// Runs `hitless --coordinator URL <args>`.
+    /// Runs `hitless --coordinator URL <args>` (with `--insecure` for an `http://` URL;
+    /// with TLS, `args` name the --tls-dir and --identity).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("hitless")).arg("--coordinator").arg(&self.url).args(args).output().expect("run hitless")
+        let mut cmd = Command::new(bin("hitless"));
+        if self.url.starts_with("http://") {
+            cmd.arg("--insecure");
+        }
+        cmd.arg("--coordinator").arg(&self.url).args(args).output().expect("run hitless")
     }
 
     /// Runs the CLI and parses its `-o json` output; panics on failure.

@@ -139,11 +139,20 @@ impl Armed {
                     .expect("log");
                 let listen = rig.coord.url.trim_start_matches("http://").to_owned();
                 let mut cmd = Command::new(bin("hitless"));
-                cmd.args(["coordinator", "--listen", &listen, "--health-timeout", "5s", "--tombstone", "60s"])
-                    .arg("--data-dir")
-                    .arg(&rig.coord.data_dir)
-                    .env("FAILPOINTS", spec)
-                    .stderr(log);
+                cmd.args([
+                    "coordinator",
+                    "--insecure",
+                    "--listen",
+                    &listen,
+                    "--health-timeout",
+                    "5s",
+                    "--tombstone",
+                    "60s",
+                ])
+                .arg("--data-dir")
+                .arg(&rig.coord.data_dir)
+                .env("FAILPOINTS", spec)
+                .stderr(log);
                 spawn_line(cmd, "listening on")
             }
         };

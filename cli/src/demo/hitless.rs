@@ -53,7 +53,9 @@ impl<'a> Cluster<'a> {
             let stop = async move {
                 let _ = rx.await;
             };
-            if let Err(e) = hitless_coordinator::server::serve(listen, &data, settings, ready, stop).await {
+            // Plaintext (--insecure), on loopback: the demo's nodes are cgroups of this
+            // machine and nothing leaves it. A deployment uses --tls-dir (README "Security").
+            if let Err(e) = hitless_coordinator::server::serve(listen, &data, settings, None, ready, stop).await {
                 tracing::error!("embedded coordinator: {e}");
             }
         });
@@ -76,7 +78,7 @@ impl<'a> Cluster<'a> {
             let child = cluster
                 .agent_cgroup
                 .command(&agent)?
-                .args(["--node", &name, "--coordinator", &cluster.url, "--cgroup"])
+                .args(["--node", &name, "--insecure", "--coordinator", &cluster.url, "--cgroup"])
                 .arg(cg.path())
                 .arg("--pin-dir")
                 .arg(default_pin_dir(&name))

@@ -15,8 +15,8 @@ use std::time::Duration;
 use hitless_proto::v1::{
     agent_link_server::AgentLinkServer, coordinator_server::CoordinatorServer, registry_server::RegistryServer,
 };
+use hitless_tls::ServerTls;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 pub use control::DEFAULT_DRAIN_TIMEOUT;
@@ -48,6 +48,9 @@ pub enum ServeError {
     /// The reflection service could not be built.
     #[error("building reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// Plaintext was asked for on an address that is not loopback.
+    #[error(transparent)]
+    Insecure(#[from] hitless_tls::TlsError),
 }
 
 /// How the coordinator behaves (from its command line).
@@ -78,14 +81,19 @@ impl Default for Settings {
 }
 
 /// Opens the store in `data_dir`, binds `listen`, calls `ready` with the bound address,
-/// and serves until `shutdown` resolves.
+/// and serves until `shutdown` resolves: with mutual TLS when `tls` is given, else in
+/// plaintext, which only a loopback `listen` address may (`--insecure`).
 pub async fn serve(
     listen: SocketAddr,
     data_dir: &Path,
     settings: Settings,
+    tls: Option<ServerTls>,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    if tls.is_none() {
+        hitless_tls::require_loopback(listen, "--listen")?;
+    }
     let store = Store::open(data_dir)?;
     let state = store.load()?;
     info!(revision = state.revision(), data_dir = %data_dir.display(), prometheus = ?settings.prometheus.as_ref().map(ToString::to_string), "registry loaded");
@@ -116,7 +124,7 @@ pub async fn serve(
     // v1 and the older v1alpha: grpcurl and other tools still ask for either.
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    info!(%bound, "coordinator listening");
+    info!(%bound, tls = tls.is_some(), "coordinator listening");
     ready(bound);
     // Agent sessions never end by themselves, so a graceful shutdown would wait
     // forever: stop accepting, give requests in flight a moment, then return. Every
@@ -150,9 +158,9 @@ pub async fn serve(
             CoordinatorServer::new(control::ControlApi { shared: Arc::clone(&shared) })
                 .max_decoding_message_size(MAX_MESSAGE),
         )
-        // Replies are small and latency-bound (drain barriers, deltas): no Nagle delay.
-        // (With our own listener, tonic does not set it: the incoming stream must.)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+        // TLS handshakes (and TCP_NODELAY: replies are small and latency-bound) in
+        // hitless_tls's accept loop; each request carries the peer's identity.
+        .serve_with_incoming_shutdown(hitless_tls::server::incoming(listener, tls), shutdown);
     tokio::select! {
         r = server => r?,
         () = grace => info!("shutdown: closed the remaining agent sessions"),

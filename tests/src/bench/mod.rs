@@ -30,7 +30,7 @@ impl Coord {
         let _ = std::fs::create_dir_all(&dir);
         let log = std::fs::File::create(dir.join("coordinator.log")).expect("coordinator log");
         let mut cmd = Command::new(bin("hitless"));
-        cmd.args(["coordinator", "--listen", listen, "--data-dir"]).arg(dir.join("data")).stderr(log);
+        cmd.args(["coordinator", "--insecure", "--listen", listen, "--data-dir"]).arg(dir.join("data")).stderr(log);
         let proc = spawn_line(cmd, "listening on");
         Self { url: format!("http://{listen}"), proc, dir }
     }
