@@ -1,6 +1,7 @@
 //! The rollout engine against an in-memory fleet (see `fleet`): what it does when an
 //! agent's reports go missing, come late or come from elsewhere.
 
+mod common;
 mod fleet;
 
 use std::time::Duration;

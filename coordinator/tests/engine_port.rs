@@ -22,6 +22,10 @@ use hitless_proto::v1::{self as pb, coordinator_message::Msg};
 use tokio::sync::{broadcast, Notify};
 use tonic::Status;
 
+mod common;
+
+use common::report;
+
 const NODES: [&str; 2] = ["node-a", "node-b"];
 /// Instances per node: 4 in all.
 const PER_NODE: u32 = 2;
@@ -142,25 +146,6 @@ impl MemFleet {
 
     fn journal(&self) -> Vec<Moment> {
         lock(&self.journal).clone()
-    }
-}
-
-fn report(
-    spec_service: &str,
-    version: &str,
-    address: &str,
-    phase: pb::InstancePhase,
-    op_id: &str,
-) -> pb::InstanceReport {
-    pb::InstanceReport {
-        service: spec_service.to_owned(),
-        version: version.to_owned(),
-        address: address.to_owned(),
-        phase: phase as i32,
-        detail: String::new(),
-        op_id: op_id.to_owned(),
-        id: address.to_owned(),
-        killed: false,
     }
 }
 

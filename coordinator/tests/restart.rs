@@ -1,6 +1,7 @@
 //! What a coordinator restart must not forget (see `fleet`): the tombstones of stopped
 //! instances, and the node roster the engine waits for.
 
+mod common;
 mod fleet;
 
 use std::sync::{Arc, Mutex};

@@ -109,6 +109,15 @@ pub trait Fleet: Send + Sync + 'static {
     fn health_timeout(&self) -> Duration;
 }
 
+/// The nodes whose kernels may steer connects to an instance: every node of the roster
+/// (`nodes`, stored: it outlives a coordinator restart, and only an operator's
+/// `hitless node remove` shortens it) and every node that runs registered instances.
+pub fn may_steer(nodes: &BTreeMap<String, NodeInfo>, registry: &pb::Snapshot) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = nodes.keys().cloned().collect();
+    out.extend(registry.instances.iter().filter(|i| !i.node.is_empty()).map(|i| i.node.clone()));
+    out
+}
+
 /// A shared fleet is a fleet: a handler or a test holding an `Arc` passes it as it is.
 impl<F: Fleet> Fleet for Arc<F> {
     fn rollout(&self) -> Option<Rollout> {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::fleet::Fleet;
+use super::fleet::{may_steer, Fleet};
 
 /// How often the wait re-reads what the agents reported.
 const POLL: Duration = Duration::from_millis(5);
@@ -49,9 +49,7 @@ pub async fn quiet_everywhere<F: Fleet>(fleet: &F, revision: u64, address: &str,
     let start = Instant::now();
     loop {
         let nodes = fleet.nodes();
-        let mut wanted: std::collections::BTreeSet<String> = nodes.keys().cloned().collect();
-        wanted.extend(fleet.snapshot().instances.iter().filter(|i| !i.node.is_empty()).map(|i| i.node.clone()));
-        let late: Vec<(String, u64)> = wanted
+        let late: Vec<(String, u64)> = may_steer(&nodes, &fleet.snapshot())
             .into_iter()
             .filter_map(|name| match nodes.get(&name) {
                 Some(n) if n.connected && n.applied >= revision && n.settled >= revision => {

@@ -18,7 +18,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
 use super::decide::{next_step, Observed, ServiceOps};
-use super::fleet::Fleet;
+use super::fleet::{may_steer, Fleet};
 use super::record::{Phase, Rollout};
 use crate::strategy::{Gate, Inconclusive};
 use crate::target::Target;
@@ -79,11 +79,7 @@ pub async fn run<F: Fleet>(fleet: Arc<F>) {
                 info!(rollout = %r.id, steps = r.step, "rollout done");
             }
             Ok(Outcome::Stepped { gate, line, stops }) => {
-                r.step += 1;
-                r.note(format!("step {}: {line} ({} ms)", r.step, started.elapsed().as_millis()));
-                for s in stops {
-                    r.note(format!("  stopped {s}"));
-                }
+                step_done(&mut r, &line, &stops, started);
                 if let Some(Gate::Approval) = gate {
                     r.phase = Phase::Waiting;
                     r.message = format!("approval after step {}: hitless promote (or abort)", r.step);
@@ -91,19 +87,14 @@ pub async fn run<F: Fleet>(fleet: Arc<F>) {
                 info!(rollout = %r.id, step = r.step, "step done");
             }
             Ok(Outcome::Held { line, stops, why }) => {
-                r.step += 1;
-                r.note(format!("step {}: {line} ({} ms)", r.step, started.elapsed().as_millis()));
-                for s in stops {
-                    r.note(format!("  stopped {s}"));
-                }
+                step_done(&mut r, &line, &stops, started);
                 r.note(format!("gate held: {why}"));
                 r.phase = Phase::Waiting;
                 r.message = format!("{why}: hitless promote to go on (or abort)");
                 warn!(rollout = %r.id, step = r.step, %why, "analysis inconclusive: holding for an operator");
             }
             Ok(Outcome::GateFailed { line, why }) => {
-                r.step += 1;
-                r.note(format!("step {}: {line} ({} ms)", r.step, started.elapsed().as_millis()));
+                step_done(&mut r, &line, &[], started);
                 r.note(format!("gate failed: {why}"));
                 warn!(rollout = %r.id, step = r.step, %why, "analysis gate failed: rolling back");
                 match r.previous_yaml.clone() {
@@ -128,6 +119,16 @@ pub async fn run<F: Fleet>(fleet: Arc<F>) {
             warn!(error = %e, "could not record the rollout; retrying");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// Counts a step that acted as done and logs it, with its time since `started` and the
+/// instances it stopped.
+fn step_done(r: &mut Rollout, line: &str, stops: &[String], started: Instant) {
+    r.step += 1;
+    r.note(format!("step {}: {line} ({} ms)", r.step, started.elapsed().as_millis()));
+    for s in stops {
+        r.note(format!("  stopped {s}"));
     }
 }
 
@@ -463,9 +464,7 @@ async fn applied_everywhere<F: Fleet>(fleet: &F, revision: u64, address: &str) -
     let deadline = Instant::now() + NODE_WAIT;
     loop {
         let nodes = fleet.nodes();
-        let mut wanted: std::collections::BTreeSet<String> = nodes.keys().cloned().collect();
-        wanted.extend(fleet.snapshot().instances.iter().filter(|i| !i.node.is_empty()).map(|i| i.node.clone()));
-        let behind: Vec<String> = wanted
+        let behind: Vec<String> = may_steer(&nodes, &fleet.snapshot())
             .into_iter()
             .filter(|n| !nodes.get(n).is_some_and(|x| x.connected && x.applied >= revision))
             .collect();

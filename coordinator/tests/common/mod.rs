@@ -4,6 +4,7 @@
 
 use hitless_coordinator::planner::Plan;
 use hitless_model::Architecture;
+use hitless_proto::v1 as pb;
 
 /// One service `cart` with 2 instances on each of 3 nodes, at `version`.
 pub fn six(version: &str) -> Architecture {
@@ -51,4 +52,24 @@ pub fn summary(plan: &Plan) -> Vec<String> {
         }
     }
     out
+}
+
+/// An agent's report of an instance of `service` at `address`, answering `op_id`.
+pub fn report(
+    service: &str,
+    version: &str,
+    address: &str,
+    phase: pb::InstancePhase,
+    op_id: &str,
+) -> pb::InstanceReport {
+    pb::InstanceReport {
+        service: service.to_owned(),
+        version: version.to_owned(),
+        address: address.to_owned(),
+        phase: phase as i32,
+        detail: String::new(),
+        op_id: op_id.to_owned(),
+        id: address.to_owned(),
+        killed: false,
+    }
 }

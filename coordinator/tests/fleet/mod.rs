@@ -15,6 +15,8 @@ use hitless_coordinator::store::Store;
 use hitless_proto::v1::{self as pb, coordinator_message::Msg};
 use tokio::sync::mpsc;
 
+use crate::common::report;
+
 /// A scratch directory removed on drop.
 pub struct Scratch(pub PathBuf);
 
@@ -132,19 +134,6 @@ pub struct Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-fn report(service: &str, version: &str, address: &str, phase: pb::InstancePhase, op_id: &str) -> pb::InstanceReport {
-    pb::InstanceReport {
-        service: service.to_owned(),
-        version: version.to_owned(),
-        address: address.to_owned(),
-        phase: phase as i32,
-        detail: String::new(),
-        op_id: op_id.to_owned(),
-        id: address.to_owned(),
-        killed: false,
     }
 }
 
