@@ -40,12 +40,16 @@ enum Command {
     /// Register an instance hitless does not run (a pod's) through this node's agent,
     /// which then renews its lease until its prestop (the caller may exit).
     Register {
-        /// Service.
+        /// Service [default: $HITLESS_SERVICE].
         #[arg(long)]
-        service: String,
-        /// Where the instance listens (IP:PORT).
+        service: Option<String>,
+        /// Where the instance listens (IP:PORT) [default: $HITLESS_ADDRESS].
         #[arg(long, value_name = "IP:PORT")]
-        address: String,
+        address: Option<String>,
+        /// First wait (up to this long) until the address accepts a TCP connection, so
+        /// no client is sent to an instance still starting (0s: register at once).
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        wait: hitless_model::Duration,
         /// Version label.
         #[arg(long, default_value = "")]
         version: String,
@@ -62,9 +66,9 @@ enum Command {
     /// A pod's preStop: drain the instance on every node, wait until its connections
     /// end (or the deadline), print how long and why, and return (then SIGTERM).
     Prestop {
-        /// The instance's address (IP:PORT), as registered.
+        /// The instance's address (IP:PORT), as registered [default: $HITLESS_ADDRESS].
         #[arg(long, value_name = "IP:PORT")]
-        address: String,
+        address: Option<String>,
         /// The longest wait, the barrier included.
         #[arg(long, value_name = "DURATION", default_value = "30s")]
         deadline: hitless_model::Duration,
@@ -105,7 +109,8 @@ struct RunArgs {
     /// The addresses instances get, an IPv4 CIDR such as 127.1.0.0/24.
     #[arg(long, value_name = "CIDR", requires = "workload_cgroup")]
     instance_addresses: Option<String>,
-    /// Where instance records and logs live (default /var/lib/hitless/NODE).
+    /// Where instance records, their logs and the local API's registrations live
+    /// (default /var/lib/hitless/NODE).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Where programs and maps are pinned (default /sys/fs/bpf/hitless/NODE).
@@ -161,19 +166,21 @@ fn main() -> ExitCode {
     init_logs(cli.run.log_format);
     let result = match cli.command {
         Some(Command::Detach { node, pin_dir }) => detach(&node, pin_dir),
-        Some(Command::Register { service, address, version, weight, ttl, socket }) => {
-            let req = hitless_proto::v1::LocalRegisterRequest {
-                service,
-                address,
-                version,
-                weight,
-                ttl_ms: ttl.to_std().as_millis() as u64,
-            };
-            local_call(local_api::client::register(&socket, req))
+        Some(Command::Register { service, address, wait, version, weight, ttl, socket }) => {
+            hook_arg("--service", service, SERVICE_ENV).and_then(|service| {
+                let address = hook_arg("--address", address, ADDRESS_ENV)?;
+                let req = hitless_proto::v1::LocalRegisterRequest {
+                    service,
+                    address,
+                    version,
+                    weight,
+                    ttl_ms: ttl.to_std().as_millis() as u64,
+                };
+                local_call(local_api::client::register_when_listening(&socket, req, wait.to_std()))
+            })
         }
-        Some(Command::Prestop { address, deadline, socket }) => {
-            local_call(local_api::client::prestop(&socket, &address, deadline.to_std()))
-        }
+        Some(Command::Prestop { address, deadline, socket }) => hook_arg("--address", address, ADDRESS_ENV)
+            .and_then(|address| local_call(local_api::client::prestop(&socket, &address, deadline.to_std()))),
         None => run(cli.run),
     };
     match result {
@@ -214,6 +221,21 @@ fn check_kernel() -> anyhow::Result<()> {
             MIN_KERNEL.1
         ),
         _ => Ok(()),
+    }
+}
+
+/// Where a pod's hooks find the instance's service when `--service` is not given.
+const SERVICE_ENV: &str = "HITLESS_SERVICE";
+/// Where a pod's hooks find the instance's address when `--address` is not given: a
+/// Kubernetes exec hook's command gets no `$(VAR)` expansion, but runs with the
+/// container's environment (`HITLESS_ADDRESS: $(POD_IP):8080`).
+const ADDRESS_ENV: &str = "HITLESS_ADDRESS";
+
+/// A hook's flag, or else its environment variable.
+fn hook_arg(flag: &str, given: Option<String>, var: &str) -> anyhow::Result<String> {
+    match given.or_else(|| std::env::var(var).ok().filter(|v| !v.is_empty())) {
+        Some(v) => Ok(v),
+        None => Err(BadInput(format!("{flag}: missing; give {flag} or set {var} in the environment")).into()),
     }
 }
 
@@ -351,10 +373,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         Source::Coordinator(url, transport) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let state_dir = args.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/hitless").join(node));
             let driver = match (&args.workload_cgroup, &args.instance_addresses) {
                 (Some(cg), Some(pool)) => {
-                    let state = args.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/hitless").join(node));
-                    let d = Driver::open(node, cg, pool, &state)?;
+                    let d = Driver::open(node, cg, pool, &state_dir)?;
                     let adopted = d.adopt();
                     info!(node, adopted = adopted.len(), "instances adopted");
                     Some(Arc::new(d))
@@ -369,10 +391,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                         socket,
                         group: args.local_api_group,
                         coordinator: url.clone(),
+                        transport: transport.clone(),
                         pin_dir: pin_dir.clone(),
                         node: node.to_owned(),
                     };
-                    Some((local_api::bind(&cfg)?, cfg))
+                    Some((local_api::bind_with_state(&cfg, &state_dir)?, cfg))
                 }
                 None => None,
             };

@@ -72,6 +72,10 @@ struct Confinement {
     caps: Vec<String>,
     /// `runAsUser`.
     uid: u32,
+    /// The pod's `supplementalGroups`.
+    groups: Vec<u32>,
+    /// The container's `args`.
+    args: Vec<String>,
 }
 
 impl Confinement {
@@ -101,13 +105,25 @@ impl Confinement {
             assert!(CAPABILITIES.contains(&c.as_str()), "{}: unknown capability {c:?}", path.display());
         }
         let uid = sc["runAsUser"].as_u64().and_then(|u| u32::try_from(u).ok()).expect("runAsUser");
-        Self { caps, uid }
+        let groups = daemonset["spec"]["template"]["spec"]["securityContext"]["supplementalGroups"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|g| g.as_u64().and_then(|g| u32::try_from(g).ok()).expect("supplementalGroups: gids"))
+            .collect();
+        Self { caps, uid, groups, args: names(&agent["args"]) }
     }
 
     /// The same set without `cap`.
     fn without(&self, cap: &str) -> Self {
         assert!(self.caps.iter().any(|c| c == cap), "{cap} is not in the DaemonSet's set {:?}", self.caps);
-        Self { caps: self.caps.iter().filter(|c| *c != cap).cloned().collect(), uid: self.uid }
+        Self { caps: self.caps.iter().filter(|c| *c != cap).cloned().collect(), ..self.clone() }
+    }
+
+    /// The value of the container's `--NAME=VALUE` argument.
+    fn arg(&self, name: &str) -> Option<String> {
+        let prefix = format!("--{name}=");
+        self.args.iter().find_map(|a| a.strip_prefix(&prefix).map(str::to_owned))
     }
 
     /// The set as a bit mask, as `/proc/PID/status` shows it.
@@ -121,7 +137,11 @@ impl Confinement {
         vec![
             format!("--reuid={}", self.uid),
             format!("--regid={}", self.uid),
-            "--clear-groups".into(),
+            if self.groups.is_empty() {
+                "--clear-groups".into()
+            } else {
+                format!("--groups={}", self.groups.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            },
             "--no-new-privs".into(),
             "--inh-caps=-all".into(),
             "--ambient-caps=-all".into(),
@@ -162,6 +182,14 @@ fn assert_holds_exactly(agent: &mut Proc, want: &Confinement) {
     assert_eq!(field("NoNewPrivs:"), 1, "no_new_privs (allowPrivilegeEscalation: false)");
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).expect("Uid");
     assert!(uid.split_whitespace().all(|u| u == want.uid.to_string()), "agent uids {uid}, want {}", want.uid);
+    let groups: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .expect("Groups")
+        .split_whitespace()
+        .map(|g| g.parse().expect("gid"))
+        .collect();
+    assert_eq!(groups, want.groups, "supplementary groups of the agent (the pod's supplementalGroups)");
 }
 
 /// Waits until `node`'s maps hold `rev`, failing with the agent's log if it exits.
@@ -339,4 +367,83 @@ fn coordinator_mode_runs_drains_and_adopts_instances_with_the_same_capabilities(
         .map(|e| e.file_name())
         .collect();
     assert_eq!(left.len(), 1, "one instance cgroup (v3) left, the adopted v2's removed: {left:?}");
+}
+
+/// `hitless-agent prestop` against `socket` as uid/gid 65534 with `groups`: its output.
+fn prestop_as_nobody(socket: &std::path::Path, groups: &[u32]) -> std::process::Output {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_owned()
+    } else {
+        format!("--groups={}", groups.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+    };
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", &groups, "--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(hitless_tests::bin("hitless-agent"))
+        .args(["prestop", "--address", "127.0.0.9:9", "--deadline", "1s", "--socket"])
+        .arg(socket)
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn the_local_api_socket_admits_its_group_and_nobody_else() {
+    use std::os::unix::fs::MetadataExt;
+    let confinement = Confinement::from_manifest();
+    let socket_arg = confinement.arg("local-api").expect("the DaemonSet passes --local-api=PATH");
+    assert_eq!(socket_arg, "/run/hitless/agent.sock", "the socket the pods' hooks dial by default");
+    let gid: u32 = confinement
+        .arg("local-api-group")
+        .expect("the DaemonSet passes --local-api-group=GID")
+        .parse()
+        .expect("--local-api-group: a numeric gid (the image has no /etc/group)");
+    assert!(
+        confinement.groups.contains(&gid),
+        "the agent pod's supplementalGroups {:?} must hold the socket's group {gid}",
+        confinement.groups
+    );
+
+    let coord = Coordinator::start("caps-local", "127.130.177.1:7070");
+    let mut node = Node::new("caps-local");
+    let socket = node.dir.join("agent.sock");
+    let gid_text = gid.to_string();
+    let state = node.dir.join("state");
+    node.agent_args(&[
+        "--local-api",
+        socket.to_str().expect("utf-8"),
+        "--local-api-group",
+        &gid_text,
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+    ]);
+    node.follow(&coord.url);
+
+    // Confined as the DaemonSet says, but not in the group: refused at start, saying why.
+    let outside = Confinement { groups: Vec::new(), ..confinement.clone() };
+    let mut agent = outside.spawn_agent(&node);
+    let status = agent.child().wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "the agent outside the group:\n{}", node.log());
+    assert!(node.log().contains("supplementalGroups"), "the refusal names the fix:\n{}", node.log());
+    assert!(!socket.exists(), "a refused agent leaves no socket behind");
+
+    // In the group: the socket is root's and the group's, 0660.
+    let mut agent = confinement.spawn_agent(&node);
+    coord.wait_synced(1);
+    assert_holds_exactly(&mut agent, &confinement);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no socket:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let meta = std::fs::metadata(&socket).expect("socket");
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, gid, 0o660), "the socket's owner, group and mode");
+
+    // A non-root pod user in the group reaches the agent (which answers: nothing to drain).
+    let member = prestop_as_nobody(&socket, &[gid]);
+    let said = format!("{}{}", String::from_utf8_lossy(&member.stdout), String::from_utf8_lossy(&member.stderr));
+    assert!(said.contains("no instance at 127.0.0.9:9"), "a member of group {gid}: {said}");
+    // The same user without the group does not.
+    let stranger = prestop_as_nobody(&socket, &[]);
+    let said = format!("{}{}", String::from_utf8_lossy(&stranger.stdout), String::from_utf8_lossy(&stranger.stderr));
+    assert_eq!(stranger.status.code(), Some(1), "{said}");
+    assert!(said.contains("cannot reach the agent") && said.contains("ermission denied"), "a non-member: {said}");
 }

@@ -21,6 +21,16 @@ pub enum ClientError {
     /// The agent refused or failed.
     #[error("{}", .0.message())]
     Refused(tonic::Status),
+    /// Nothing accepted a connection at the address within `register --wait`.
+    #[error("--wait {}: nothing accepted a TCP connection at {address} within it ({last}); start the instance before registering it, or wait longer", human(*.wait))]
+    NotListening {
+        /// The instance's address.
+        address: String,
+        /// The wait.
+        wait: Duration,
+        /// The last connect's error.
+        last: String,
+    },
     /// The pre-stop wait ran out with connections open.
     #[error(
         "the deadline passed with connections still open (the instance is draining everywhere; SIGTERM may cut them)"
@@ -47,6 +57,19 @@ async fn connect(socket: &Path, timeout: Duration) -> Result<NodeClient<Channel>
 
 /// Registers an instance through the agent at `socket`; prints what was done.
 pub async fn register(socket: &Path, req: pb::LocalRegisterRequest) -> Result<(), ClientError> {
+    register_when_listening(socket, req, Duration::ZERO).await
+}
+
+/// Registers an instance through the agent at `socket`, once its address accepts a TCP
+/// connection when `wait` is not zero; prints what was done.
+pub async fn register_when_listening(
+    socket: &Path,
+    req: pb::LocalRegisterRequest,
+    wait: Duration,
+) -> Result<(), ClientError> {
+    if !wait.is_zero() {
+        wait_listening(&req.address, wait).await?;
+    }
     let mut client = connect(socket, Duration::from_secs(30)).await?;
     let (service, address) = (req.service.clone(), req.address.clone());
     let r = client.register(req).await.map_err(ClientError::Refused)?.into_inner();
@@ -57,6 +80,27 @@ pub async fn register(socket: &Path, req: pb::LocalRegisterRequest) -> Result<()
         human(Duration::from_millis(r.heartbeat_every_ms)),
     );
     Ok(())
+}
+
+/// Waits until `address` accepts a TCP connection (closed at once), for at most `wait`.
+/// An address that does not parse is left for the agent to name.
+async fn wait_listening(address: &str, wait: Duration) -> Result<(), ClientError> {
+    let Ok(addr) = address.parse::<std::net::SocketAddr>() else { return Ok(()) };
+    let end = tokio::time::Instant::now() + wait;
+    loop {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let last =
+            match tokio::time::timeout(left.min(Duration::from_secs(1)), tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "connect timed out".to_owned(),
+            };
+        if tokio::time::Instant::now() >= end {
+            return Err(ClientError::NotListening { address: address.to_owned(), wait, last });
+        }
+        tokio::time::sleep(Duration::from_millis(100).min(end.saturating_duration_since(tokio::time::Instant::now())))
+            .await;
+    }
 }
 
 /// Runs an instance's pre-stop through the agent at `socket`; prints how long it waited
@@ -82,6 +126,13 @@ fn describe(r: &pb::PreStopResponse, address: &str, deadline: Duration) -> Strin
     };
     let lost =
         if r.nodes_lost.is_empty() { String::new() } else { format!(", not connected: {}", r.nodes_lost.join(", ")) };
+    let others = if !r.quiet_checked {
+        "; other nodes' handshakes in flight not waited for (the coordinator has no DrainQuiet)".to_owned()
+    } else if r.handshakes_late.is_empty() {
+        format!("; no node's handshake in flight to it after {}", human(Duration::from_millis(r.quiet_ms)))
+    } else {
+        format!("; handshakes still in flight at the deadline on {}", r.handshakes_late.join(", "))
+    };
     let why = match r.end() {
         pb::PreStopEnd::Deadline => format!(
             "ended at the deadline ({}) with {} connections and {} handshakes still open",
@@ -92,7 +143,7 @@ fn describe(r: &pb::PreStopResponse, address: &str, deadline: Duration) -> Strin
         _ => "ended because its connections ended (0 open, no handshake in flight)".to_owned(),
     };
     format!(
-        "prestop {} {address}: {barrier}{lost}) after {}; waited {} in all; {why}",
+        "prestop {} {address}: {barrier}{lost}) after {}{others}; waited {} in all; {why}",
         r.service,
         human(Duration::from_millis(r.barrier_ms)),
         human(Duration::from_millis(r.waited_ms)),
@@ -120,12 +171,21 @@ mod tests {
             barrier_ms: 4,
             waited_ms: 1_234,
             end: pb::PreStopEnd::Connections as i32,
+            quiet_checked: true,
+            quiet_ms: 1_001,
             ..Default::default()
         };
         assert_eq!(
             describe(&r, "127.0.0.1:80", Duration::from_secs(30)),
-            "prestop web 127.0.0.1:80: draining on every node (2 acked) after 4ms; waited 1.234s in all; ended because its connections ended (0 open, no handshake in flight)"
+            "prestop web 127.0.0.1:80: draining on every node (2 acked) after 4ms; no node's handshake in flight to it after 1.001s; waited 1.234s in all; ended because its connections ended (0 open, no handshake in flight)"
         );
+        r.quiet_checked = false;
+        let text = describe(&r, "127.0.0.1:80", Duration::from_secs(30));
+        assert!(text.contains("other nodes' handshakes in flight not waited for"), "{text}");
+        r.quiet_checked = true;
+        r.handshakes_late = vec!["node-c: 2".into()];
+        let text = describe(&r, "127.0.0.1:80", Duration::from_secs(30));
+        assert!(text.contains("handshakes still in flight at the deadline on node-c: 2"), "{text}");
         r.end = pb::PreStopEnd::Deadline as i32;
         r.open_at_end = 3;
         r.nodes_lost = vec!["node-b".into()];

@@ -6,11 +6,14 @@
 //! follow a coordinator: the registry and the barrier are the coordinator's.
 //!
 //! The socket is created with mode 0660 (owner root, and `--local-api-group` when given),
-//! so only what may drain the node's instances can reach it.
+//! so only what may drain the node's instances can reach it. The registered instances
+//! are kept in the agent's state directory ([`registrations`]), so a restarted agent
+//! renews their leases again.
 
 pub mod client;
 mod leases;
 mod prestop;
+pub mod registrations;
 
 use std::io;
 use std::net::SocketAddr;
@@ -61,6 +64,19 @@ pub enum LocalApiError {
     /// The group does not exist.
     #[error("--local-api-group {0}: no such group (give a group name from /etc/group or a numeric gid)")]
     NoGroup(String),
+    /// The socket's group could not be set: the agent is not in the group.
+    #[error("--local-api-group {group}: cannot give {path} this group: {source}; without CAP_CHOWN the agent may give only a group it is in: add the gid to the agent's groups (Kubernetes: the pod's securityContext.supplementalGroups; systemd: SupplementaryGroups=)")]
+    NotInGroup {
+        /// The group as given.
+        group: String,
+        /// The socket path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The registrations kept for restarts could not be read.
+    #[error(transparent)]
+    Registrations(#[from] registrations::RegistrationsError),
 }
 
 /// What the local API needs from the running agent.
@@ -72,15 +88,35 @@ pub struct Config {
     pub group: Option<String>,
     /// The coordinator's URL (the agent's `--coordinator`).
     pub coordinator: String,
+    /// How the coordinator is reached (the agent's `--tls-dir` or `--insecure`).
+    pub transport: hitless_tls::client::Transport,
     /// The node's pin directory (connection counts are read there).
     pub pin_dir: PathBuf,
     /// The node's name, for logs.
     pub node: String,
 }
 
-/// Creates the socket (replacing a stale one), mode 0660 and the group set. Call before
-/// the runtime starts: the listener is handed to [`serve`].
-pub fn bind(cfg: &Config) -> Result<std::os::unix::net::UnixListener, LocalApiError> {
+/// The socket, bound, and the leases restored from the state directory.
+#[derive(Debug)]
+pub struct Bound {
+    listener: std::os::unix::net::UnixListener,
+    leases: Leases,
+}
+
+/// Creates the socket (replacing a stale one), mode 0660 and the group set; the
+/// registrations are kept in memory only (an agent restarted forgets them). Call before
+/// the runtime starts: the result is handed to [`serve`].
+pub fn bind(cfg: &Config) -> Result<Bound, LocalApiError> {
+    bind_leases(cfg, Leases::default())
+}
+
+/// Like [`bind`], keeping the registrations in `state_dir` (the agent's `--state-dir`)
+/// and holding again those an earlier agent kept there.
+pub fn bind_with_state(cfg: &Config, state_dir: &Path) -> Result<Bound, LocalApiError> {
+    bind_leases(cfg, Leases::restore(registrations::File::in_dir(state_dir)?)?)
+}
+
+fn bind_leases(cfg: &Config, leases: Leases) -> Result<Bound, LocalApiError> {
     let path = &cfg.socket;
     let err = |what| move |source| LocalApiError::Socket { path: path.clone(), what, source };
     let gid = cfg.group.as_deref().map(group_id).transpose()?;
@@ -106,11 +142,19 @@ pub fn bind(cfg: &Config) -> Result<std::os::unix::net::UnixListener, LocalApiEr
     unsafe { libc::umask(old) };
     let listener = bound.map_err(err("binding"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(MODE)).map_err(err("setting its mode to 0660"))?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err("setting its group"))?;
+    if let (Some(gid), Some(group)) = (gid, &cfg.group) {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| {
+            // Do not leave a socket behind that nobody but root may use.
+            let _ = std::fs::remove_file(path);
+            if source.raw_os_error() == Some(libc::EPERM) {
+                LocalApiError::NotInGroup { group: group.clone(), path: path.clone(), source }
+            } else {
+                err("setting its group")(source)
+            }
+        })?;
     }
     listener.set_nonblocking(true).map_err(err("making it non-blocking"))?;
-    Ok(listener)
+    Ok(Bound { listener, leases })
 }
 
 /// A group name or a numeric gid.
@@ -132,21 +176,26 @@ fn group_id(group: &str) -> Result<u32, LocalApiError> {
 
 /// Serves the API on `listener` until the agent exits, and renews the leases of the
 /// instances registered through it.
-pub async fn serve(listener: std::os::unix::net::UnixListener, cfg: Config) -> Result<(), LocalApiError> {
-    let listener = tokio::net::UnixListener::from_std(listener).map_err(|source| LocalApiError::Socket {
+pub async fn serve(bound: Bound, cfg: Config) -> Result<(), LocalApiError> {
+    let listener = tokio::net::UnixListener::from_std(bound.listener).map_err(|source| LocalApiError::Socket {
         path: cfg.socket.clone(),
         what: "registering it with the runtime",
         source,
     })?;
-    let coordinator = tonic::transport::Endpoint::from_shared(cfg.coordinator.clone())
+    let endpoint = tonic::transport::Endpoint::from_shared(cfg.coordinator.clone())
         .map_err(|e| LocalApiError::Socket {
             path: cfg.socket.clone(),
             what: "the coordinator's URL",
             source: io::Error::other(e),
         })?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    let leases = Arc::new(Leases::default());
+        .connect_timeout(Duration::from_secs(5));
+    // With the agent's own identity (mutual TLS) or plaintext, as its link.
+    let coordinator = cfg.transport.connect_lazy(endpoint);
+    let leases = Arc::new(bound.leases);
+    let restored = leases.held();
+    if !restored.is_empty() {
+        info!(node = %cfg.node, count = restored.len(), instances = ?restored, "renewing the leases of instances registered before this agent started");
+    }
     tokio::spawn(leases::renew(Arc::clone(&leases), coordinator.clone()));
     let api = NodeApi { coordinator, leases, pin_dir: cfg.pin_dir.clone(), node: cfg.node.clone() };
     // Accepted connections, as the stream tonic serves.
@@ -231,7 +280,11 @@ impl node_server::Node for NodeApi {
             .map_err(|s| from_coordinator("registering", &s))?
             .into_inner()
             .revision;
-        let every = self.leases.hold(instance);
+        let every = self.leases.hold(instance).map_err(|e| {
+            Status::internal(format!(
+                "registered, and its lease is renewed, but not recorded for the agent's restarts: {e}"
+            ))
+        })?;
         info!(node = %self.node, service = %r.service, %address, ttl_ms = ttl.as_millis() as u64, revision, "registered; renewing its lease");
         Ok(Response::new(pb::LocalRegisterResponse {
             revision,

@@ -1,10 +1,14 @@
-//! A pod's pre-stop, done by its node's agent: mark the instance draining through the
-//! coordinator's barrier (`Coordinator.Drain`: it answers once every live node's maps
-//! hold the drain, so no node opens a new connection to it), then wait until this
-//! node's kernel counts no open connection to it (`hl_active`) and no handshake in
-//! flight to it (this node's clients' `hl_pending`, and the listener's half-open ones),
-//! or the deadline. Its lease is then no longer renewed: it lapses to down, kept for
-//! stale clients, and is removed three leases later.
+//! A pod's pre-stop, done by its node's agent: the coordinator marks the instance
+//! draining and waits as a rollout's stop does (`Coordinator.DrainQuiet`): until every
+//! live node's maps hold the drain (the barrier: no node opens a new connection to it),
+//! then until no node has a connect to it in its handshake (each agent's count of its
+//! clients' SYNs in flight, in its acks). Then the agent waits until this node's kernel
+//! counts no open connection to it (`hl_active`) and no handshake in flight to it (this
+//! node's clients' `hl_pending`, and the listener's half-open ones), or the deadline.
+//! Its lease is then no longer renewed: it lapses to down, kept for stale clients, and
+//! is removed three leases later. A coordinator without `DrainQuiet` (older) gets
+//! `Drain`, the barrier alone, and the answer says other nodes' handshakes were not
+//! waited for.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -36,14 +40,28 @@ pub async fn run(api: &NodeApi, req: pb::PreStopRequest) -> Result<pb::PreStopRe
     };
     let key = pb::InstanceKey { service: service.clone(), address: address.clone() };
 
-    // The barrier, within the deadline.
+    // The barrier and every node's handshakes, within the deadline.
     let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    let drained = CoordinatorClient::new(api.coordinator.clone())
-        .drain(pb::DrainRequest { key: Some(key.clone()), timeout_ms: timeout.as_millis() as u64 })
-        .await
-        .map_err(|s| from_coordinator("draining", &s))?
-        .into_inner();
-    let barrier = t0.elapsed();
+    let req = pb::DrainRequest { key: Some(key.clone()), timeout_ms: timeout.as_millis() as u64 };
+    let mut coordinator = CoordinatorClient::new(api.coordinator.clone());
+    let (drained, quiet) = match coordinator.drain_quiet(req.clone()).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            (r.barrier.unwrap_or_default(), Some((Duration::from_millis(r.quiet_ms), r.late)))
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            warn!(node = %api.node, %service, %address, "the coordinator has no DrainQuiet (older): draining with the barrier alone, other nodes' handshakes in flight are not waited for");
+            let r = coordinator.drain(req).await.map_err(|s| from_coordinator("draining", &s))?;
+            (r.into_inner(), None)
+        }
+        Err(s) => return Err(from_coordinator("draining", &s)),
+    };
+    let barrier = t0.elapsed() - quiet.as_ref().map_or(Duration::ZERO, |(q, _)| *q);
+    let handshakes_late: Vec<String> =
+        quiet.iter().flat_map(|(_, late)| late.iter()).map(|n| format!("{}: {}", n.node, n.handshakes)).collect();
+    if !handshakes_late.is_empty() {
+        warn!(node = %api.node, %service, %address, late = ?handshakes_late, "the deadline passed with other nodes' handshakes in flight to the instance");
+    }
     let nodes_lost: Vec<String> = drained.nodes.iter().filter(|n| !n.connected).map(|n| n.node.clone()).collect();
     if !drained.complete {
         let late: Vec<&str> =
@@ -63,7 +81,8 @@ pub async fn run(api: &NodeApi, req: pb::PreStopRequest) -> Result<pb::PreStopRe
             // Connections it cannot see are never "0 open".
             None => (1, 0),
         };
-        if open <= 0 && handshakes == 0 {
+        // Other nodes' handshakes still in flight: only the deadline ends the wait.
+        if open <= 0 && handshakes == 0 && handshakes_late.is_empty() {
             break (pb::PreStopEnd::Connections, open.max(0), handshakes);
         }
         if Instant::now() >= deadline {
@@ -89,6 +108,9 @@ pub async fn run(api: &NodeApi, req: pb::PreStopRequest) -> Result<pb::PreStopRe
         end: end as i32,
         open_at_end: open,
         handshakes_at_end: handshakes,
+        quiet_ms: quiet.as_ref().map_or(0, |(q, _)| q.as_millis() as u64),
+        handshakes_late,
+        quiet_checked: quiet.is_some(),
     })
 }
 

@@ -170,6 +170,25 @@ impl coordinator_server::Coordinator for ControlApi {
         Ok(Response::new(self.barrier(req.into_inner(), pb::InstanceState::Serving).await?))
     }
 
+    async fn drain_quiet(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainQuietResponse>, Status> {
+        let (start, req) = (Instant::now(), req.into_inner());
+        let k = req.key.clone().unwrap_or_default();
+        let (_, address) = validate_key(&k.service, &k.address, "key")?;
+        let timeout = match req.timeout_ms {
+            0 => DEFAULT_DRAIN_TIMEOUT,
+            ms => Duration::from_millis(ms.min(600_000)),
+        };
+        let barrier = self.barrier(req, pb::InstanceState::Draining).await?;
+        let (t, left) = (Instant::now(), timeout.saturating_sub(start.elapsed()));
+        let quiet = crate::engine::handshakes::quiet_everywhere(&*self.shared, barrier.revision, &address, left).await;
+        let late = quiet.late.into_iter().map(|(node, handshakes)| pb::NodeInFlight { node, handshakes }).collect();
+        Ok(Response::new(pb::DrainQuietResponse {
+            barrier: Some(barrier),
+            quiet_ms: t.elapsed().as_millis() as u64,
+            late,
+        }))
+    }
+
     async fn push(&self, req: Request<pb::PushRequest>) -> Result<Response<pb::PushResponse>, Status> {
         Ok(Response::new(crate::engine::push(&self.shared, req.get_ref())?))
     }
