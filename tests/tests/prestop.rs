@@ -504,3 +504,34 @@ fn a_prestop_past_its_deadline_exits_1_and_register_waits_for_the_instance() {
     let summary = held.release();
     assert_eq!(summary.still_working, 1, "the held connection was not cut by the drain: {summary:?}");
 }
+
+#[test]
+fn the_local_api_speaks_to_a_mutual_tls_coordinator_with_the_nodes_certificate() {
+    const POD: &str = "127.194.0.2:8080";
+    let mut node = Node::new("prestop-tls");
+    let tls = node.dir.join("tls");
+    let tls_arg = tls.to_str().expect("utf-8").to_owned();
+    for args in [
+        vec!["certs", "init", "--dir", &tls_arg, "--san", "127.130.194.1"],
+        vec!["certs", "issue", "--dir", &tls_arg, "--node", &node.name],
+    ] {
+        let out = Command::new(bin("hitless")).args(&args).output().expect("hitless certs");
+        assert!(out.status.success(), "hitless {args:?}: {}", text(&out));
+    }
+    let coord = Coordinator::start_tls("prestop-tls", "127.130.194.1:7070", &tls);
+    let socket = node.dir.join("agent.sock");
+    node.follow(&coord.url).agent_args(&["--tls-dir", &tls_arg, "--local-api", socket.to_str().expect("utf-8")]);
+    node.spawn_agent();
+    wait_listening(&node, 1);
+    let _pod = instance(&node, POD);
+
+    // Register, renew and drain go to the coordinator as this node, over mutual TLS.
+    let reg = agent_cli(&socket, &["register", "--service", "web", "--address", POD, "--ttl", "1s"]);
+    assert!(reg.status.success(), "register: {}\nagent:\n{}", text(&reg), node.log());
+    std::thread::sleep(Duration::from_millis(1_500));
+    let out = agent_cli(&socket, &["prestop", "--address", POD, "--deadline", "10s"]);
+    let said = text(&out);
+    assert!(out.status.success(), "prestop: {said}\nagent:\n{}", node.log());
+    assert!(said.contains("no node's handshake in flight to it after"), "{said}");
+    assert!(!node.log().contains("lease renewal failed"), "renewals over TLS failed:\n{}", node.log());
+}
