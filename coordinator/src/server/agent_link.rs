@@ -8,9 +8,11 @@
 //! get one message, as before.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hitless_proto::v1::{self as pb, agent_link_server, agent_message, coordinator_message};
+use hitless_tls::{Identity, Peer};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,6 +37,7 @@ impl agent_link_server::AgentLink for AgentLinkApi {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = req.extensions().get::<Peer>().cloned();
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await?.and_then(|m| m.msg) {
             Some(agent_message::Msg::Hello(h)) => h,
@@ -51,17 +54,27 @@ impl agent_link_server::AgentLink for AgentLinkApi {
                 hitless_model::registry::NODE_NAME_FIX
             )));
         }
+        speaks_for(peer.as_ref(), &hello.node)?;
+        if let Some(r) = hello.instances.iter().find(|r| !reports_own(&self.shared, &hello.node, r)) {
+            return Err(refuse_report(peer.as_ref(), &hello.node, r));
+        }
         crate::failpoint!("coordinator.agent_link.hello", |fp| Status::unavailable(format!(
             "injected by failpoint {fp}"
         )));
         let node = hello.node.clone();
-        let session = self.shared.connect(&node, hello.applied_revision);
+        // What the hello says the maps hold is a claim: the node counts as holding a
+        // revision only once it acks one this session sent (its snapshot comes first).
+        let session = self.shared.connect(&node, 0);
         bury_crashed(&self.shared, &node, &hello.instances);
         self.shared.set_instances(&node, hello.instances);
         let (tx, rx) = mpsc::channel(16);
+        // The newest revision this session sent; an ack of a later one is a claim.
+        let sent = Arc::new(AtomicU64::new(0));
+        let sent_out = Arc::clone(&sent);
         let (ops_tx, mut ops_rx) = mpsc::channel(256);
         self.shared.set_ops(&node, session, ops_tx);
 
+        let tx_refuse = tx.clone();
         // Outbound: a snapshot first (the agent builds its mirror from it), then the
         // difference to each newer registry. Coalesces bursts: an agent always gets
         // the latest state, never a queue of stale ones.
@@ -85,12 +98,15 @@ impl agent_link_server::AgentLink for AgentLinkApi {
                 };
                 // `return`: the stream to the agent fails (the session ends).
                 crate::failpoint!("coordinator.agent_link.send_update", break);
-                let sent = match msg {
+                if last.as_ref().is_none_or(|p| p.revision != now.revision) {
+                    sent_out.fetch_max(now.revision, Ordering::SeqCst);
+                }
+                let outcome = match msg {
                     Some(msg) => Some(tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) })).await.is_ok()),
                     None if last.as_ref().is_some_and(|p| p.revision == now.revision) => None,
                     None => Some(send_parts(&tx, &now).await),
                 };
-                match sent {
+                match outcome {
                     Some(false) => break,
                     Some(true) => last = Some(now),
                     None => {}
@@ -121,12 +137,20 @@ impl agent_link_server::AgentLink for AgentLinkApi {
 
         // Inbound: acks, until the agent goes away.
         let shared = self.shared.clone();
+        let refused = tx_refuse;
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 // `return`: the stream from the agent fails here (this message is lost).
                 crate::failpoint!("coordinator.agent_link.recv", break);
                 match m.msg {
+                    Some(agent_message::Msg::Ack(a)) if a.revision > sent.load(Ordering::SeqCst) => {
+                        warn!(peer = %describe(peer.as_ref(), &node), revision = a.revision, sent = sent.load(Ordering::SeqCst), "ignored an ack of a revision this session never sent");
+                    }
                     Some(agent_message::Msg::Ack(a)) => shared.ack(&node, session, &a),
+                    Some(agent_message::Msg::Instance(r)) if !reports_own(&shared, &node, &r) => {
+                        let _ = refused.send(Err(refuse_report(peer.as_ref(), &node, &r))).await;
+                        break;
+                    }
                     Some(agent_message::Msg::Instance(r)) => {
                         bury_crashed(&shared, &node, std::slice::from_ref(&r));
                         shared.instance_report(&node, r);
@@ -138,6 +162,43 @@ impl agent_link_server::AgentLink for AgentLinkApi {
             shared.disconnect(&node, session);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Refuses a hello for a node other than the one the connection's certificate names
+/// (with mutual TLS; plaintext on loopback trusts the hello).
+fn speaks_for(peer: Option<&Peer>, node: &str) -> Result<(), Status> {
+    let Some(p) = peer.filter(|p| p.tls) else { return Ok(()) };
+    if matches!(&p.identity, Some(Identity::Node(n)) if n == node) {
+        return Ok(());
+    }
+    warn!(peer = %p.describe(), claimed = %node, "refused: a hello for another node");
+    Err(Status::permission_denied(format!(
+        "hello.node: {}, but this connection is {}: an agent speaks for its own node only (its --node must be the NAME of its node-NAME.pem)",
+        hitless_model::Quoted(node),
+        p.describe()
+    )))
+}
+
+/// Whether a report from `node` is about an instance of its own: not one the registry
+/// places on another node.
+fn reports_own(shared: &Shared, node: &str, r: &pb::InstanceReport) -> bool {
+    shared.instance(&(r.service.clone(), r.address.clone())).is_none_or(|i| i.node.is_empty() || i.node == node)
+}
+
+fn refuse_report(peer: Option<&Peer>, node: &str, r: &pb::InstanceReport) -> Status {
+    warn!(peer = %describe(peer, node), service = %r.service, address = %r.address, "refused: a report about another node's instance; session ended, nothing changed");
+    Status::permission_denied(format!(
+        "instance {} {}: the registry places it on another node; node {node} reports its own instances only",
+        r.service, r.address
+    ))
+}
+
+/// The peer for logs: its certificate's identity, or the node a plaintext hello named.
+fn describe(peer: Option<&Peer>, node: &str) -> String {
+    match peer.filter(|p| p.tls) {
+        Some(p) => p.describe(),
+        None => format!("node {node} (plaintext)"),
     }
 }
 

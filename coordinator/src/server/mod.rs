@@ -2,6 +2,7 @@
 //! standard health and reflection services so grpcurl and probes work.
 
 mod agent_link;
+pub mod auth;
 pub(crate) mod control;
 mod registry_api;
 mod state;
@@ -140,6 +141,8 @@ pub async fn serve(
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     let server = tonic::transport::Server::builder()
+        // Who may call what, before any handler (auth::RULES; plaintext is unchecked).
+        .layer(auth::AuthorizeLayer)
         // Notice an agent that vanished without closing its connection.
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
