@@ -263,7 +263,9 @@ async fn session_inner(
         transport.connect(endpoint).await
     };
     let mut client =
-        AgentLinkClient::new(connect.await.map_err(|source| LinkError::Connect { url: url.to_owned(), source })?);
+        AgentLinkClient::new(connect.await.map_err(|source| LinkError::Connect { url: url.to_owned(), source })?)
+            .max_decoding_message_size(hitless_tls::limits::MAX_RESPONSE)
+            .max_encoding_message_size(hitless_tls::limits::MAX_REQUEST);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::Hello {
         node: node.to_owned(),

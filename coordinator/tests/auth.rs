@@ -38,6 +38,10 @@ impl Drop for Served {
 const NODES: [&str; 2] = ["node-a", "node-b"];
 
 async fn served(name: &str) -> Served {
+    served_with(name, Settings::default()).await
+}
+
+async fn served_with(name: &str, settings: Settings) -> Served {
     let dir = std::env::temp_dir().join(format!("hitless-auth-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     hitless_tls::issue::init(&dir.join("tls"), &[]).expect("certs init");
@@ -59,9 +63,7 @@ async fn served(name: &str) -> Served {
         let stop = async move {
             let _ = stop_rx.await;
         };
-        serve("127.0.0.1:0".parse().expect("addr"), &data, Settings::default(), Some(tls), ready, stop)
-            .await
-            .expect("serve");
+        serve("127.0.0.1:0".parse().expect("addr"), &data, settings, Some(tls), ready, stop).await.expect("serve");
     });
     let addr = ready_rx.await.expect("the coordinator started");
     Served { addr, dir, stop: Some(stop_tx) }
@@ -272,4 +274,19 @@ async fn a_certificate_of_another_ca_reaches_nothing() {
     };
     assert_ne!(outcome, Code::Ok, "another CA's certificate was answered");
     let _ = std::fs::remove_dir_all(&other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_calling_faster_than_its_rate_gets_resource_exhausted_and_others_do_not() {
+    let per_identity = hitless_tls::limits::PerIdentity { rate: 0.001, burst: 5, concurrent: 32 };
+    let s = served_with("rate", Settings { per_identity, ..Settings::default() }).await;
+    let ch = s.channel("operator-viewer").await;
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(call(ch.clone(), "/hitless.v1.Coordinator/Status", false).await);
+    }
+    assert_eq!(codes[..5], [Code::Ok; 5], "the burst is served: {codes:?}");
+    assert_eq!(codes[5..], [Code::ResourceExhausted; 3], "beyond it, refused: {codes:?}");
+    // Another identity has its own allowance.
+    assert_eq!(call(s.channel("operator-admin").await, "/hitless.v1.Coordinator/Status", false).await, Code::Ok);
 }

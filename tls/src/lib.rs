@@ -15,6 +15,7 @@ pub mod files;
 pub mod identity;
 #[cfg(any(test, feature = "issue"))]
 pub mod issue;
+pub mod limits;
 mod reload;
 pub mod server;
 #[cfg(test)]

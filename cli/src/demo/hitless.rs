@@ -46,6 +46,7 @@ impl<'a> Cluster<'a> {
                 prometheus: None,
                 prometheus_lag: Duration::ZERO,
                 tombstone: hitless_coordinator::server::TOMBSTONE_TTL,
+                per_identity: Default::default(),
             };
             let ready = move |a| {
                 let _ = bound_tx.send(a);

@@ -2,9 +2,9 @@
 
 use clap::Args;
 use hitless_model::Duration;
-use hitless_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
+use hitless_proto::v1::{self as pb};
 
-use super::{channel, runtime, status_error, RemoteError, Target};
+use super::{coordinator_client, runtime, status_error, RemoteError, Target};
 
 /// `hitless drain` / `hitless undrain`.
 #[derive(Args)]
@@ -24,7 +24,7 @@ pub struct DrainArgs {
 /// `drain` or `undrain`; fails (exit 1) unless every live agent acknowledged in time.
 pub fn drain(to: &Target, args: &DrainArgs, undrain: bool) -> Result<(), RemoteError> {
     runtime()?.block_on(async {
-        let mut client = CoordinatorClient::new(channel(to).await?);
+        let mut client = coordinator_client(to).await?;
         let req = pb::DrainRequest {
             key: Some(pb::InstanceKey { service: args.service.clone(), address: args.address.clone() }),
             timeout_ms: args.timeout.as_millis(),

@@ -13,7 +13,9 @@ mod status;
 use std::path::Path;
 
 use anyhow::Context as _;
+use hitless_proto::v1::{coordinator_client::CoordinatorClient, registry_client::RegistryClient};
 use hitless_tls::client::Transport;
+use hitless_tls::limits::{MAX_REQUEST, MAX_RESPONSE, RPC_TIMEOUT};
 use tonic::transport::Channel;
 
 pub use drain::{drain, DrainArgs};
@@ -126,12 +128,28 @@ async fn channel(to: &Target) -> Result<Channel, RemoteError> {
     let url = &to.url;
     let endpoint = Channel::from_shared(url.clone())
         .map_err(|_| RemoteError::BadInput(format!("--coordinator {url:?}: give a URL such as {DEFAULT_TLS_URL}")))?
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        // Every call ends: the longest (a drain barrier of up to 10 minutes) included.
+        .timeout(RPC_TIMEOUT);
     to.transport
         .connect(endpoint)
         .await
         .with_context(|| format!("cannot reach the coordinator at {url}; is `hitless coordinator` running there (and does it trust this certificate)?"))
         .map_err(RemoteError::Failed)
+}
+
+/// A `Coordinator` client with the message limits of `hitless_tls::limits`.
+async fn coordinator_client(to: &Target) -> Result<CoordinatorClient<Channel>, RemoteError> {
+    Ok(CoordinatorClient::new(channel(to).await?)
+        .max_decoding_message_size(MAX_RESPONSE)
+        .max_encoding_message_size(MAX_REQUEST))
+}
+
+/// A `Registry` client with the message limits of `hitless_tls::limits`.
+async fn registry_client(to: &Target) -> Result<RegistryClient<Channel>, RemoteError> {
+    Ok(RegistryClient::new(channel(to).await?)
+        .max_decoding_message_size(MAX_RESPONSE)
+        .max_encoding_message_size(MAX_REQUEST))
 }
 
 /// Longest wait for the coordinator's connection (TCP and TLS).

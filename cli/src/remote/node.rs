@@ -1,9 +1,9 @@
 //! `hitless node list|remove`: the node roster.
 
 use clap::Subcommand;
-use hitless_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
+use hitless_proto::v1::{self as pb};
 
-use super::{channel, runtime, status_error, RemoteError, Target};
+use super::{coordinator_client, runtime, status_error, RemoteError, Target};
 
 /// `hitless node ...`.
 #[derive(Subcommand)]
@@ -30,7 +30,7 @@ pub enum NodeCommand {
 /// `node list|remove`.
 pub fn node(to: &Target, cmd: &NodeCommand) -> Result<(), RemoteError> {
     runtime()?.block_on(async {
-        let mut client = CoordinatorClient::new(channel(to).await?);
+        let mut client = coordinator_client(to).await?;
         match cmd {
             NodeCommand::List { output } => {
                 let r = client.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner();

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use hitless_coordinator::server::{MAX_REGISTRY_TEXT, MAX_REGISTRY_YAML};
 use hitless_model::Duration;
-use hitless_proto::v1::{self as pb, registry_client::RegistryClient};
+use hitless_proto::v1::{self as pb};
 
-use super::{channel, runtime, status_error, RemoteError, Target};
+use super::{registry_client, runtime, status_error, RemoteError, Target};
 
 /// `hitless registry ...`.
 #[derive(Subcommand)]
@@ -81,7 +81,7 @@ pub fn registry(to: &Target, cmd: &RegistryCommand) -> Result<(), RemoteError> {
         _ => None,
     };
     runtime()?.block_on(async {
-        let mut client = RegistryClient::new(channel(to).await?);
+        let mut client = registry_client(to).await?;
         match cmd {
             RegistryCommand::Apply { .. } => {
                 let registry_yaml = yaml.unwrap_or_default();

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 use hitless_coordinator::engine::record::StrategyRecord;
 use hitless_coordinator::{GateSpec, Strategy};
-use hitless_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
+use hitless_proto::v1::{self as pb};
 
-use super::{channel, runtime, status_error, RemoteError, Target};
+use super::{coordinator_client, runtime, status_error, RemoteError, Target};
 
 /// The strategy flags of `plan` and `push`, as the gRPC `StrategySpec` carries them:
 /// one builder ([`StrategyRecord::build_named`]) checks them for both.
@@ -93,7 +93,7 @@ pub fn push(to: &Target, args: &PushArgs) -> Result<(), RemoteError> {
     }
     let spec = args.strategy.spec();
     runtime()?.block_on(async {
-        let mut client = CoordinatorClient::new(channel(to).await?);
+        let mut client = coordinator_client(to).await?;
         let r = client
             .push(pb::PushRequest { architecture_yaml: text, strategy: Some(spec) })
             .await
@@ -144,7 +144,7 @@ fn progress_line(r: &pb::RolloutStatus) -> String {
 /// `pull`: prints the running architecture as an architecture file.
 pub fn pull(to: &Target) -> Result<(), RemoteError> {
     runtime()?.block_on(async {
-        let mut client = CoordinatorClient::new(channel(to).await?);
+        let mut client = coordinator_client(to).await?;
         let r = client
             .pull(pb::PullRequest {})
             .await
@@ -161,7 +161,7 @@ pub fn pull(to: &Target) -> Result<(), RemoteError> {
 /// `pause`, `resume`, `promote`, `abort`.
 pub fn control(to: &Target, what: &str) -> Result<(), RemoteError> {
     runtime()?.block_on(async {
-        let mut client = CoordinatorClient::new(channel(to).await?);
+        let mut client = coordinator_client(to).await?;
         let req = pb::RolloutRequest {};
         let r = match what {
             "pause" => client.pause(req).await,

@@ -82,6 +82,7 @@ pub fn serve(args: &ServeArgs, tls_dir: Option<&Path>, insecure: bool) -> Result
             prometheus: args.prometheus_url.clone(),
             prometheus_lag: args.prometheus_lag.to_std(),
             tombstone: args.tombstone.to_std(),
+            per_identity: Default::default(),
         };
         hitless_coordinator::server::serve(args.listen, &args.data_dir, settings, tls, |addr| println!("listening on {addr}"), shutdown)
             .await

@@ -1,9 +1,9 @@
 //! `hitless status`: the registry revision, every node's agent, and the rollout.
 
 use clap::Args;
-use hitless_proto::v1::{self as pb, coordinator_client::CoordinatorClient};
+use hitless_proto::v1::{self as pb};
 
-use super::{channel, runtime, status_error, RemoteError, Target};
+use super::{coordinator_client, runtime, status_error, RemoteError, Target};
 
 /// `hitless status`.
 #[derive(Args)]
@@ -22,7 +22,7 @@ pub struct StatusArgs {
 pub fn status(to: &Target, args: &StatusArgs) -> Result<(), RemoteError> {
     let json = args.output == "json";
     runtime()?.block_on(async {
-        let mut client = CoordinatorClient::new(channel(to).await?);
+        let mut client = coordinator_client(to).await?;
         if !args.watch {
             let r = client.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner();
             print!("{}", render_status(&r, json));

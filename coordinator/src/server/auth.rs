@@ -16,12 +16,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hitless_tls::{Identity, Peer, Role};
 use tonic::body::Body;
 use tonic::Status;
 use tracing::warn;
+
+use super::limits::Limiter;
 
 /// Who may call a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,22 +104,27 @@ pub fn check(peer: Option<&Peer>, path: &str) -> Result<(), Status> {
     }
 }
 
-/// The layer that runs [`check`] before every request.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AuthorizeLayer;
+/// The layer that runs [`check`], then the caller's limits ([`Limiter`]), before
+/// every request.
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    /// Each identity's limits.
+    pub limiter: Arc<Limiter>,
+}
 
 impl<S> tower_layer::Layer<S> for AuthorizeLayer {
     type Service = Authorize<S>;
 
     fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize { inner }
+        Authorize { inner, limiter: Arc::clone(&self.limiter) }
     }
 }
 
-/// [`check`], then the inner service.
-#[derive(Debug, Clone)]
+/// [`check`] and the limits, then the inner service.
+#[derive(Clone)]
 pub struct Authorize<S> {
     inner: S,
+    limiter: Arc<Limiter>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -136,8 +144,22 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        match check(req.extensions().get::<Peer>(), req.uri().path()) {
-            Ok(()) => Box::pin(self.inner.call(req)),
+        let peer = req.extensions().get::<Peer>();
+        let admitted = check(peer, req.uri().path()).and_then(|()| {
+            match peer.filter(|p| p.tls).and_then(|p| p.identity.as_ref()) {
+                Some(id) => self.limiter.admit(&id.uri(), req.uri().path()).map(Some),
+                None => Ok(None),
+            }
+        });
+        match admitted {
+            Ok(guard) => {
+                let call = self.inner.call(req);
+                Box::pin(async move {
+                    let r = call.await;
+                    drop(guard);
+                    r
+                })
+            }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }
     }

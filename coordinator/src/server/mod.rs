@@ -4,6 +4,7 @@
 mod agent_link;
 pub mod auth;
 pub(crate) mod control;
+pub mod limits;
 mod registry_api;
 mod state;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 use hitless_proto::v1::{
     agent_link_server::AgentLinkServer, coordinator_server::CoordinatorServer, registry_server::RegistryServer,
 };
+use hitless_tls::limits::MAX_RESPONSE;
 use hitless_tls::ServerTls;
 use tokio::net::TcpListener;
 use tracing::info;
@@ -26,8 +28,8 @@ pub use state::{AckEvent, NodeInfo, Removed, Shared, TOMBSTONE_TTL};
 
 use crate::store::{Store, StoreError};
 
-/// Largest request message the server decodes.
-pub const MAX_MESSAGE: usize = 4 << 20;
+/// Largest request message the server decodes (`hitless_tls::limits::MAX_REQUEST`).
+pub const MAX_MESSAGE: usize = hitless_tls::limits::MAX_REQUEST;
 
 /// Why the server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub struct Settings {
     /// How long a stopped instance stays in the registry as `down` (a tombstone), so
     /// that clients whose registry cache still lists it are steered, before it is removed.
     pub tombstone: Duration,
+    /// What one certificate's identity may ask: calls per second and at once.
+    pub per_identity: hitless_tls::limits::PerIdentity,
 }
 
 impl Default for Settings {
@@ -77,6 +81,7 @@ impl Default for Settings {
             prometheus: None,
             prometheus_lag: Duration::from_secs(30),
             tombstone: TOMBSTONE_TTL,
+            per_identity: hitless_tls::limits::PerIdentity::default(),
         }
     }
 }
@@ -98,6 +103,7 @@ pub async fn serve(
     let store = Store::open(data_dir)?;
     let state = store.load()?;
     info!(revision = state.revision(), data_dir = %data_dir.display(), prometheus = ?settings.prometheus.as_ref().map(ToString::to_string), "registry loaded");
+    let limiter = limits::Limiter::new(settings.per_identity);
     let shared = Shared::new(state, store, settings);
 
     let expiry = shared.clone();
@@ -142,7 +148,11 @@ pub async fn serve(
     };
     let server = tonic::transport::Server::builder()
         // Who may call what, before any handler (auth::RULES; plaintext is unchecked).
-        .layer(auth::AuthorizeLayer)
+        .layer(auth::AuthorizeLayer { limiter })
+        // Every call ends (the longest drain barrier included), and one connection has
+        // a bounded number of calls open.
+        .timeout(hitless_tls::limits::RPC_TIMEOUT)
+        .max_concurrent_streams(Some(hitless_tls::limits::STREAMS_PER_CONNECTION))
         // Notice an agent that vanished without closing its connection.
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
@@ -151,15 +161,18 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(
             RegistryServer::new(registry_api::RegistryApi { shared: shared.clone() })
-                .max_decoding_message_size(MAX_MESSAGE),
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_RESPONSE),
         )
         .add_service(
             AgentLinkServer::new(agent_link::AgentLinkApi { shared: shared.clone() })
-                .max_decoding_message_size(MAX_MESSAGE),
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_RESPONSE),
         )
         .add_service(
             CoordinatorServer::new(control::ControlApi { shared: Arc::clone(&shared) })
-                .max_decoding_message_size(MAX_MESSAGE),
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_RESPONSE),
         )
         // TLS handshakes (and TCP_NODELAY: replies are small and latency-bound) in
         // hitless_tls's accept loop; each request carries the peer's identity.
