@@ -111,6 +111,7 @@ const TABLE: &[(&str, bool, Option<Role>, bool)] = &[
     ("/hitless.v1.Coordinator/Abort", false, Some(Role::Operator), false),
     ("/hitless.v1.Coordinator/Drain", false, Some(Role::Operator), true),
     ("/hitless.v1.Coordinator/Undrain", false, Some(Role::Operator), true),
+    ("/hitless.v1.Coordinator/DrainQuiet", false, Some(Role::Operator), true),
     ("/hitless.v1.Registry/Apply", false, Some(Role::Admin), false),
     ("/hitless.v1.Registry/ApplyStream", true, Some(Role::Admin), false),
     ("/hitless.v1.Registry/Register", false, Some(Role::Admin), true),
